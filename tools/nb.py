@@ -1,0 +1,28 @@
+"""Build notebooks in nbs/ from percent-format drafts (developer convenience, optional).
+
+    python tools/nb.py _src/30_sae.py      # writes nbs/30_sae.ipynb
+    python tools/nb.py --to-py nbs/30_sae.ipynb   # writes _src/30_sae.py to edit
+
+The notebooks in nbs/ are the source of truth; drafts are a way to edit them as text.
+Needs jupytext (pip install jupytext).
+"""
+import subprocess, sys
+from pathlib import Path
+
+root = Path(__file__).resolve().parents[1]
+args = sys.argv[1:]
+if args and args[0] == "--to-py":
+    for a in args[1:]:
+        p = Path(a)
+        out = root / "_src" / (p.stem + ".py")
+        out.parent.mkdir(exist_ok=True)
+        subprocess.run(["jupytext", "--to", "py:percent", "--output", str(out), str(p)], check=True)
+else:
+    for a in args:
+        p = Path(a)
+        out = root / "nbs" / (p.stem + ".ipynb")
+        subprocess.run(["jupytext", "--to", "ipynb", "--update-metadata",
+                        '{"jupytext": null, "kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}}',
+                        "--output", str(out), str(p)], check=True, capture_output=True)
+        subprocess.run(["nbdev_clean", "--fname", str(out)], check=True, cwd=root)
+        print("wrote", out.relative_to(root))
