@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny GPT-2 saved with the real GPT-2 tokenizer, and WikiText-2 text from shared/data."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+from ghosttrack.io import NO_SHARED_DATA, shared_data_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared():
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip(NO_SHARED_DATA)
+    return d
+
+
+@pytest.fixture(scope="session")
+def wikitext(shared):
+    return shared / "wikitext-2" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shared, tmp_path_factory):
+    "A 3-layer GPT-2 (d_model 128) with the real GPT-2 tokenizer, saved like a downloaded model."
+    from transformers import GPT2TokenizerFast
+    from ghosttrack.models import tiny_gpt2
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = GPT2TokenizerFast.from_pretrained(shared / "gpt2-tokenizer")
+    assert len(tok) == 50257
+    tiny_gpt2(n_layer=3, d_model=128, n_head=4).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+CLI = [sys.executable, "-c", "import sys; from ghosttrack.cli import main; sys.exit(main())"]
+
+
+def ghosttrack(*args, check=True, timeout=600, env=None):
+    "Run the ghosttrack command in a subprocess, as a user would."
+    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"ghosttrack {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-4000:]}")
+    return r
+
+
+def kill_when(args, ready, timeout=300, poll=0.02):
+    "Start `ghosttrack *args`, SIGKILL it as soon as `ready()` is true; returns True if it was killed mid-way."
+    p = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < timeout:
+        if ready():
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return True
+        time.sleep(poll)
+    if p.poll() is None:
+        p.kill()
+    err = p.stderr.read()
+    assert p.returncode == 0, err[-3000:]
+    return False
