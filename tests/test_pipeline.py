@@ -36,7 +36,7 @@ def test_extract_and_train_run_folder(tiny_model_dir, wikitext, tmp_path):
     for hp in LAYERS:
         m = load_json(run / "activations" / hp / "manifest.json")
         assert m["complete"] and m["num_tokens"] == 20000 and m["d_model"] == 128
-        assert {"cfg.json", "sae_weights.safetensors", "history.jsonl", "summary.json"} <= {p.name for p in (run / "saes" / hp).iterdir()}
+        assert {"cfg.json", "sae_weights.safetensors", "history.jsonl", "summary.json", "lm_eval.json"} <= {p.name for p in (run / "saes" / hp).iterdir()}
         assert (run / "checkpoints" / hp / "latest" / "state.json").exists()
         s = load_json(run / "saes" / hp / "summary.json")
         assert s["val_fvu"] < 0.6 and abs(s["val_l0"] - 8) < 1e-6
@@ -44,16 +44,18 @@ def test_extract_and_train_run_folder(tiny_model_dir, wikitext, tmp_path):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     from ghosttrack.activations import ActivationStore
-    ids = ActivationStore(run / "activations" / LAYERS[0]).token_ids()[:64 * 8].long().reshape(8, 64)
+    # rows are the 63 positions after the BOS of each 64-token sequence
+    ids = ActivationStore(run / "activations" / LAYERS[0]).token_ids()[:63 * 8].long().reshape(8, 63)
+    ids = torch.cat([torch.full((8, 1), 50256), ids], 1)
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
     for i, hp in enumerate(LAYERS):
-        x = load_hidden_states(run / "activations" / hp, max_rows=64 * 8)
+        x = load_hidden_states(run / "activations" / hp, max_rows=63 * 8)
         ref = hs[i + 1] if i < 2 else None
         if ref is None:  # Hugging Face applies the final norm to its last hidden state
             x = model.transformer.ln_f(x)
             ref = hs[3]
-        torch.testing.assert_close(x, ref.reshape(-1, 128), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x, ref[:, 1:].reshape(-1, 128), atol=1e-5, rtol=1e-5)
 
 
 def test_extraction_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path):
