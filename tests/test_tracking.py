@@ -1,0 +1,133 @@
+"""Tracking and hallucination detection: exact association, births/deaths, leak-free split, AUROC, and `ghosttrack track` on a tiny run."""
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ghosttrack.hallucination import auroc, subsample, truthfulqa_items
+from ghosttrack.tracking import HypothesisTracker, LayerFeatures, select_features, track_statistics
+from ghosttrack.tracking_cli import add_track_commands
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="ghosttrack")
+    add_track_commands(ap.add_subparsers(dest="command", required=True))
+    return ap
+
+
+@pytest.mark.parametrize("method", ["hungarian", "greedy"])
+def test_identical_dictionaries_give_one_track_per_feature(method):
+    torch.manual_seed(1)
+    W_FD = torch.randn(64, 32)
+    acts_PF = torch.rand(6, 64) * (torch.rand(6, 64) < 0.4)
+    layers = [select_features(l, acts_PF, W_FD, top_k=12) for l in (0, 2, 5, 7)]
+    res = HypothesisTracker(threshold=0.5, method=method).track(layers)
+    ids = layers[0].feature_ids_K.tolist()
+    assert len(ids) == 12 and len(res.tracks) == 12
+    for t, f in zip(res.tracks, ids):
+        assert {l: fid for l, (fid, _) in t.features.items()} == {0: f, 2: f, 5: f, 7: f}
+        assert t.birth_layer == 0 and t.death_layer is None
+    assert res.births == [(0, i) for i in range(12)] and res.deaths == [] and res.merges == []
+
+
+def test_association_uses_decoder_direction_not_feature_index():
+    "Layer 1's dictionary is layer 0's permuted: tracks follow the directions, not the ids."
+    torch.manual_seed(2)
+    W0 = torch.linalg.qr(torch.randn(16, 16))[0]
+    perm = torch.randperm(16)
+    acts = torch.rand(3, 16) + 0.1
+    a = LayerFeatures(0, torch.arange(16), acts, W0)
+    b = LayerFeatures(1, perm, acts, W0)          # feature perm[j] of layer 1 has the direction of feature j of layer 0
+    res = HypothesisTracker(threshold=0.8).track([a, b])
+    assert all(t.features[1][0] == int(perm[t.features[0][0]]) for t in res.tracks)
+
+
+def _hand(layer, ids, acts):
+    return LayerFeatures(layer, torch.tensor(ids), torch.tensor([acts]), torch.eye(6)[ids])
+
+
+def test_births_and_deaths_on_a_hand_built_example():
+    # layer 0: a b c ; layer 1: a c d ; layer 2: d e ; layer 3: d e f  (orthogonal decoders)
+    layers = [_hand(0, [0, 1, 2], [3., 2., 1.]), _hand(1, [0, 2, 3], [1., 1., 2.]), _hand(2, [3, 4], [4., 1.]),
+              _hand(3, [3, 4, 5], [2., 1., 1.])]
+    res = HypothesisTracker(threshold=0.6).track(layers)
+    spans = {t.features[min(t.features)][0]: (t.birth_layer, t.death_layer) for t in res.tracks}
+    assert spans == {0: (0, 1), 1: (0, 0), 2: (0, 1), 3: (1, None), 4: (2, None), 5: (3, None)}
+    assert len(res.births) == 6 and sorted(l for l, _ in res.births) == [0, 0, 0, 1, 2, 3]
+    assert sorted(l for l, _ in res.deaths) == [0, 1, 1]
+    st = track_statistics(res)
+    assert st["n_tracks"] == 6 and st["n_competing"] == 3 and st["n_deaths"] == 3
+    assert st["late_births"] == 1                  # 4 layers: last third starts at layer index 3
+    assert st["top_early_death"] == 1              # a led at layer 0 and died at layer 1
+    assert st["winner_stability"] == 0.75          # d, the final winner, leads at layers 1, 2 and 3 of 4
+    np.testing.assert_allclose(st["entropy"], -sum(p * np.log(p) for p in (0.5, 0.25, 0.25)))
+
+
+def test_split_has_no_leakage(shared):
+    from ghosttrack.corpus import load_truthfulqa
+    splits = load_truthfulqa(shared / "truthfulqa" / "TruthfulQA.csv", seed=3)
+    for s in (splits, subsample(splits, 100, seed=3)):
+        qs = {k: {e.question for e in v} for k, v in s.items()}
+        assert not (qs["train"] & qs["val"]) and not (qs["train"] & qs["test"]) and not (qs["val"] & qs["test"])
+        items = {k: {it["question"] for it in truthfulqa_items(v)} for k, v in s.items()}
+        assert items == qs                          # every answer of a question stays in its question's split
+    assert sum(len(v) for v in splits.values()) == 817
+    assert 95 <= sum(len(v) for v in subsample(splits, 100, seed=3).values()) <= 105
+
+
+def test_auroc_matches_reference():
+    "Against the pairwise definition and the trapezoid area under the empirical ROC curve."
+    rng = np.random.default_rng(7)
+    for n, levels in ((50, 3), (301, 1000)):
+        s, y = rng.integers(0, levels, n).astype(float) + 0.1 * rng.normal(size=n) * (levels > 3), rng.integers(0, 2, n)
+        pair = np.mean([(a > b) + 0.5 * (a == b) for a in s[y == 1] for b in s[y == 0]])
+        thr = np.r_[np.inf, np.unique(s)[::-1]]
+        tpr = [(s[y == 1] >= t).mean() for t in thr]
+        fpr = [(s[y == 0] >= t).mean() for t in thr]
+        trap = np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr)
+        assert auroc(s, y) == pytest.approx(pair, abs=1e-12)
+        assert auroc(s, y) == pytest.approx(trap, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    "A finished run: the 3-layer tiny GPT-2, stdlib text, SAEs on layers 0, 1 and 2."
+    from ghosttrack.config import CorpusConfig, ExtractConfig, RunConfig, SAEConfig, TrainConfig
+    from ghosttrack.pipeline import run_pipeline
+    d = tmp_path_factory.mktemp("tracking") / "run"
+    cfg = RunConfig(name="t", run_dir=str(d), eval_rows=0, corpus=CorpusConfig(source="stdlib", context_len=32),
+                    extract=ExtractConfig(model=str(tiny_model_dir), layers="all", num_tokens=1000, shard_tokens=500),
+                    sae=SAEConfig(expansion_factor=2, k=8), train=TrainConfig(batch_size=128, num_epochs=1, wandb_mode="disabled"))
+    run_pipeline(cfg, progress=False)
+    return d
+
+
+def test_track_prompt_command(run_dir, capsys):
+    args = _parser().parse_args(["track", "--run-dir", str(run_dir), "--prompt", "Q: Where is Paris?\nA:", "--answer", " France",
+                                 "--top-k", "6"])
+    assert args.func(args) == 0
+    assert "tracks" in capsys.readouterr().out
+    d = json.loads((run_dir / "tracking" / "tracks.json").read_text())
+    assert d["layers"] == [0, 1, 2] and d["answer"] == " France"
+    assert sum(len(t["features"]) for t in d["tracks"]) == 18          # 6 features × 3 layers, each on exactly one track
+    assert all(t["label"] for t in d["tracks"])
+    assert (run_dir / "tracking" / "tracks.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        args.func(args)
+
+
+def test_track_truthfulqa_command(run_dir, shared, capsys):
+    args = _parser().parse_args(["track", "--run-dir", str(run_dir), "--truthfulqa", "--max-questions", "20", "--top-k", "6", "--quiet"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "tracker" in out and "logprob" in out and "probe" in out
+    rep = json.loads((run_dir / "tracking" / "auroc.json").read_text())
+    with open(run_dir / "tracking" / "truthfulqa_scores.csv") as f: rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * sum(s["questions"] for s in rep["sizes"].values())
+    test = [r for r in rows if r["split"] == "test"]
+    for name in ("tracker", "logprob", "probe"):
+        assert rep[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
+    assert 0 <= rep["probe"]["layer"] <= 2
