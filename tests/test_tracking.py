@@ -131,3 +131,20 @@ def test_track_truthfulqa_command(run_dir, shared, capsys):
     for name in ("tracker", "logprob", "probe"):
         assert rep[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
     assert 0 <= rep["probe"]["layer"] <= 2
+
+
+def test_track_uses_clt_edges_of_the_run(run_dir, tmp_path):
+    "A transcoder trained with `ghosttrack train-clt` between tracked layers is used for the association."
+    import shutil
+    from ghosttrack.cli import main
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("tracking"))
+    cfg = json.loads((run / "config.json").read_text())
+    assert main(["train-clt", "--run-dir", str(run), "--cache-dir", str(tmp_path / "pairs"), "--model", cfg["extract"]["model"], "--corpus", "stdlib",
+                 "--context-len", "32", "--layer-pairs", "0:1", "--num-tokens", "1000", "--expansion-factor", "2", "--k", "4",
+                 "--batch-size", "128", "--epochs", "1", "--eval-rows", "0", "--wandb-mode", "disabled", "--quiet"]) == 0
+    args = _parser().parse_args(["track", "--run-dir", str(run), "--prompt", "Q: Where is Paris?\nA:", "--top-k", "6"])
+    assert args.func(args) == 0
+    d = json.loads((run / "tracking" / "tracks.json").read_text())
+    assert d["clt_edges"] == ["clt_L0_to_L1"]
+    assert sum(len(t["features"]) for t in d["tracks"]) == 18
