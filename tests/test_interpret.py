@@ -25,14 +25,8 @@ def _parser():
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     "A finished run: the 3-layer tiny GPT-2, stdlib text, SAEs on layers 0 and 1."
-    from ghosttrack.config import CorpusConfig, ExtractConfig, RunConfig, SAEConfig, TrainConfig
-    from ghosttrack.pipeline import run_pipeline
-    d = tmp_path_factory.mktemp("interpret") / "run"
-    cfg = RunConfig(name="t", run_dir=str(d), eval_rows=0, corpus=CorpusConfig(source="stdlib", context_len=32),
-                    extract=ExtractConfig(model=str(tiny_model_dir), layers="0,1", num_tokens=2000, shard_tokens=700),
-                    sae=SAEConfig(expansion_factor=2, k=8), train=TrainConfig(batch_size=128, num_epochs=1, wandb_mode="disabled"))
-    run_pipeline(cfg, progress=False)
-    return d
+    from conftest import tiny_run
+    return tiny_run(tiny_model_dir, tmp_path_factory.mktemp("interpret") / "run", "0,1", 2000, 700)
 
 
 def test_interpret_command_writes_json_and_dashboard(run_dir, capsys):
