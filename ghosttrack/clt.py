@@ -17,7 +17,7 @@ from torch import nn
 from . import __version__
 from .activations import ActivationDataset, ActivationStore, extract_activations, hook_dirname
 from .config import ConfigError, SAEConfig, TrainConfig, _check, _choice, config_from_dict, config_to_dict
-from .io import ArtifactExists, check_overwrite, load_json, load_tensors, remove_tree, save_json, save_tensors
+from .io import ArtifactExists, load_json, load_tensors, remove_tree, save_json, save_weights_folder
 from .models import layer_hookpoints, model_name, num_layers
 from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEOutput, TopKSAE, geometric_median
 from .train import Trainer
@@ -288,17 +288,12 @@ CLT_WEIGHTS_FILENAME = "clt_weights.safetensors"
 
 def save_clt(clt, path, overwrite: bool = False, metadata: dict | None = None) -> Path:
     "Write `clt` to folder `path`: weights first, `cfg.json` last as the finished marker."
-    path = Path(path)
-    cfg_path = path / CLT_CFG_FILENAME
-    check_overwrite(path, cfg_path.exists(), overwrite, "CLT")
-    cfg_path.unlink(missing_ok=True)
-    save_tensors({k: v.contiguous() for k, v in clt.saelens_tensors().items()}, path / CLT_WEIGHTS_FILENAME)
     c = clt.cfg
-    save_json({"kind": "pairwise_clt", "architecture": c.architecture, "d_in": c.d_in, "d_out": c.d_out, "d_sae": c.d_sae,
-               "source": c.source, "target": c.target, "dtype": str(clt.W_enc_DF.dtype).removeprefix("torch."),
-               "metadata": {"ghosttrack_version": __version__, "model_name": c.model_name, **(metadata or {})},
-               "ghosttrack": config_to_dict(c)}, cfg_path)
-    return path
+    cfg = {"kind": "pairwise_clt", "architecture": c.architecture, "d_in": c.d_in, "d_out": c.d_out, "d_sae": c.d_sae,
+           "source": c.source, "target": c.target, "dtype": str(clt.W_enc_DF.dtype).removeprefix("torch."),
+           "metadata": {"ghosttrack_version": __version__, "model_name": c.model_name, **(metadata or {})},
+           "ghosttrack": config_to_dict(c)}
+    return save_weights_folder(path, clt.saelens_tensors(), cfg, CLT_WEIGHTS_FILENAME, overwrite, "CLT", CLT_CFG_FILENAME)
 
 def load_clt(path, device: str = "cpu"):
     "Load a transcoder folder written by `save_clt` (or a Trainer checkpoint's `best/`)."

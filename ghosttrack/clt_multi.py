@@ -17,7 +17,7 @@ from . import __version__
 from .activations import hook_dirname
 from .clt import CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, normalization_stats, prepare_training
 from .config import ConfigError, TrainConfig, _check, config_from_dict, config_to_dict
-from .io import check_overwrite, load_json, load_tensors, save_json, save_tensors
+from .io import load_json, load_tensors, save_weights_folder
 from .models import forward, hooked, num_layers
 from .sae import JumpReLUFn, JumpReLUSAE, SAEOutput, TopKSAE, geometric_median
 from .train import Trainer
@@ -201,17 +201,12 @@ MULTI_CFG_FILENAME, MULTI_WEIGHTS_FILENAME = "cfg.json", "clt_weights.safetensor
 
 def save_multilayer_clt(clt: MultiLayerCLT, path, overwrite: bool = False, metadata: dict | None = None) -> Path:
     "Write a multi-layer CLT to folder `path` (weights first, `cfg.json` last)."
-    path = Path(path)
-    cfg_path = path / MULTI_CFG_FILENAME
-    check_overwrite(path, cfg_path.exists(), overwrite, "multi-layer CLT")
-    cfg_path.unlink(missing_ok=True)
-    save_tensors({k: v.contiguous() for k, v in clt.tensors().items()}, path / MULTI_WEIGHTS_FILENAME)
     c = clt.cfg
-    save_json({"kind": "multilayer_clt", "architecture": c.architecture, "n_layers": c.n_layers, "d_in": c.d_in, "d_out": c.d_out,
-               "features_per_layer": c.features_per_layer, "sources": c.sources, "targets": c.targets,
-               "metadata": {"ghosttrack_version": __version__, "model_name": c.model_name, **(metadata or {})},
-               "ghosttrack": config_to_dict(c)}, cfg_path)
-    return path
+    cfg = {"kind": "multilayer_clt", "architecture": c.architecture, "n_layers": c.n_layers, "d_in": c.d_in, "d_out": c.d_out,
+           "features_per_layer": c.features_per_layer, "sources": c.sources, "targets": c.targets,
+           "metadata": {"ghosttrack_version": __version__, "model_name": c.model_name, **(metadata or {})},
+           "ghosttrack": config_to_dict(c)}
+    return save_weights_folder(path, clt.tensors(), cfg, MULTI_WEIGHTS_FILENAME, overwrite, "multi-layer CLT", MULTI_CFG_FILENAME)
 
 def load_multilayer_clt(path, device: str = "cpu") -> MultiLayerCLT:
     "Load a folder written by `save_multilayer_clt`."

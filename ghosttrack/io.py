@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 # %% auto #0
 __all__ = ['NO_SHARED_DATA', 'atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl',
            'save_tensors', 'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite',
-           'remove_tree', 'hub_offline', 'hub_problem', 'shared_data_dir']
+           'remove_tree', 'save_weights_folder', 'hub_offline', 'hub_problem', 'shared_data_dir']
 
 # %% ../nbs/05_io.ipynb #ae96cb75
 @contextmanager
@@ -126,6 +126,18 @@ def remove_tree(path):
     "Delete a folder (used only on `overwrite`)."
     import shutil
     shutil.rmtree(path, ignore_errors=True)
+
+# %% ../nbs/05_io.ipynb #bf7748be
+def save_weights_folder(path, tensors: dict, cfg: dict, weights_name: str, overwrite: bool = False,
+                        what: str = "artifact", cfg_name: str = "cfg.json") -> Path:
+    "Write `tensors` and `cfg` into folder `path`, refusing a finished one unless `overwrite`; `cfg_name` is written last."
+    path = Path(path)
+    cfg_path = path / cfg_name
+    check_overwrite(path, cfg_path.exists(), overwrite, what)
+    cfg_path.unlink(missing_ok=True)
+    save_tensors(tensors, path / weights_name)
+    save_json(cfg, cfg_path)
+    return path
 
 # %% ../nbs/05_io.ipynb #e5152885
 def hub_offline() -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import __version__
 from .config import SAEConfig, config_from_dict
-from .io import check_overwrite, load_json, load_tensors, save_json, save_tensors
+from .io import load_json, load_tensors, save_json, save_tensors, save_weights_folder
 
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
@@ -312,13 +312,7 @@ def saelens_cfg(sae: SAE) -> dict:
 
 def save_sae(sae: SAE, path, overwrite: bool = False) -> Path:
     "Write `sae` to folder `path` (SAELens layout): weights first, `cfg.json` last as the finished marker."
-    path = Path(path)
-    cfg_path = path / SAE_CFG_FILENAME
-    check_overwrite(path, cfg_path.exists(), overwrite, "SAE")
-    cfg_path.unlink(missing_ok=True)
-    save_tensors(sae.saelens_tensors(), path / SAE_WEIGHTS_FILENAME)
-    save_json(saelens_cfg(sae), cfg_path)
-    return path
+    return save_weights_folder(path, sae.saelens_tensors(), saelens_cfg(sae), SAE_WEIGHTS_FILENAME, overwrite, "SAE", SAE_CFG_FILENAME)
 
 def _config_from_saelens(d: dict, cfg_path) -> SAEConfig:
     if "ghosttrack" in d: return config_from_dict(SAEConfig, d["ghosttrack"])

@@ -21,7 +21,8 @@ else:
     for a in args:
         p = Path(a)
         out = root / "nbs" / (p.stem + ".ipynb")
-        subprocess.run(["jupytext", "--to", "ipynb", "--update-metadata",
+        update = ["--update"] if out.exists() else []   # keep cell ids (and so the exported cell markers) stable
+        subprocess.run(["jupytext", "--to", "ipynb", *update, "--update-metadata",
                         '{"jupytext": null, "kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}}',
                         "--output", str(out), str(p)], check=True, capture_output=True)
         subprocess.run(["nbdev_clean", "--fname", str(out)], check=True, cwd=root)
