@@ -36,7 +36,9 @@ def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
 # %% ../nbs/35_train.ipynb #1a5783d5
 def wandb_run(mode: str, project: str, name: str, config: dict, folder, run_id: str | None = None):
     """A W&B run, or None when disabled or wandb is not installed. `auto` = online with credentials, else offline.
-    With `run_id` (kept in the training checkpoint) a resumed training continues the same W&B run."""
+    With `run_id` (kept in the training checkpoint) a resumed training continues the same W&B run; if W&B refuses
+    that (e.g. the killed job's W&B service still holds the id), a new run is started instead, and if W&B cannot
+    start at all, training goes on with `history.jsonl` alone."""
     if mode == "disabled": return None
     try: import wandb
     except ImportError:
@@ -47,8 +49,12 @@ def wandb_run(mode: str, project: str, name: str, config: dict, folder, run_id: 
         mode = "online" if has_key else "offline"
     Path(folder).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_SILENT", "true")   # its banner would drown the progress bars
-    return wandb.init(project=project, name=name, config=config, dir=str(folder), mode=mode, reinit="finish_previous",
-                      id=run_id, resume="allow" if run_id else None)
+    kw = dict(project=project, name=name, config=config, dir=str(folder), mode=mode, reinit="finish_previous")
+    for attempt in ([dict(id=run_id, resume="allow")] if run_id else []) + [{}]:
+        try: return wandb.init(**kw, **attempt)
+        except Exception as e:   # logging must never stop a training; history.jsonl has every record anyway
+            log.warning("W&B could not start %s (%s: %s)", f"run {run_id}" if attempt else "a run", type(e).__name__, e)
+    return None
 
 # %% ../nbs/35_train.ipynb #f076b770
 def _flatten_optimizer(opt) -> tuple[dict, dict]:

@@ -30,6 +30,7 @@ from .io import (
 from .tsp import (
     NORMS, POLICY_FILE, AttentionPolicy, TSPInstances, load_policy, policy_lengths, random_tours, save_policy, tour_length)
 from .tsp_solvers import EXACT_MAX_N, solve_batch
+from .train import wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class TSPTrainConfig:
     "seed of initialisation, instances and sampled tours"
     device: str = "cpu"
     "where training runs (`cpu`, `cuda`, `mps`); may change when resuming"
+    wandb_mode: str = "auto"
+    "Weights & Biases: `auto` (online with credentials, else offline), `online`, `offline` or `disabled`; may change when resuming"
 
     def __post_init__(self):
         for name in ("n", "d_model", "n_layers", "n_heads", "d_ff", "epochs", "epoch_size", "batch_size",
@@ -93,6 +96,7 @@ class TSPTrainConfig:
         _check(self.d_model % self.n_heads == 0, "n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
         _choice("norm", self.norm, NORMS)
         _choice("reference", self.reference, REFERENCES)
+        _choice("wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
         _check(self.lr > 0, "lr", self.lr, "a positive number")
         _check(0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "a number in (0, 1]")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a number >= 0")
@@ -166,8 +170,9 @@ def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool):
     check_overwrite(run_dir, finished, overwrite, "TSP policy run")
     if overwrite and run_dir.exists(): remove_tree(run_dir)
     if (run_dir / "config.json").exists():
-        saved = {k: v for k, v in load_json(run_dir / "config.json").items() if k != "device"}
-        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k != "device" and saved.get(k) != v}
+        free = ("device", "wandb_mode")   # where it runs and how it logs may change; what it trains may not
+        saved = {k: v for k, v in load_json(run_dir / "config.json").items() if k not in free}
+        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in free and saved.get(k) != v}
         if diff:
             raise ConfigError(f"{run_dir} holds an unfinished run with another config ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
                               "rerun with the same settings to resume it, or pass --overwrite / another --run-dir to start over")
@@ -207,6 +212,8 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
     if ckpt.exists():
         state = load_checkpoint(ckpt, policy, baseline, optimizer, cfg.device)
         log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
+    run = wandb_run(cfg.wandb_mode, "ghosttrack-tsp", run_dir.name, asdict(cfg), run_dir / "checkpoints", state.get("wandb_run_id"))
+    if run is not None: state["wandb_run_id"] = run.id   # a resumed run continues the same W&B run
     kept = [r for r in read_jsonl(history) if r["epoch"] <= state["epoch"]]  # drop the records of an epoch cut short
     with atomic_path(history) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     bl_coords = _baseline_set(cfg, state["baseline_version"])
@@ -223,7 +230,9 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
         for step, x in enumerate(bar):
             rec = _step(cfg, policy, baseline, optimizer, x.to(cfg.device), gen)
             bar.set_postfix(length=f"{rec['length']:.3f}", baseline=f"{rec['baseline_length']:.3f}", gap=gap)
-            if step % cfg.log_every == 0: append_jsonl(history, dict(epoch=epoch, step=step, **rec))
+            if step % cfg.log_every == 0:
+                append_jsonl(history, dict(epoch=epoch, step=step, **rec))
+                if run is not None: run.log(rec, step=epoch * cfg.steps_per_epoch + step)
         better, p = _t_test(cfg, _greedy_lengths(cfg, policy, bl_coords), bl_values)
         if better:
             baseline.load_state_dict(policy.state_dict())
@@ -237,6 +246,7 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
                                    reference=ref_method, baseline_replaced=better, p_value=p,
                                    baseline_version=state["baseline_version"], lr=optimizer.param_groups[0]["lr"],
                                    seconds=state["train_seconds"]))
+        if run is not None: run.log({"val_length": val_length, "val_gap": state["val_gap"]}, step=(epoch + 1) * cfg.steps_per_epoch)
         save_checkpoint(ckpt, policy, baseline, optimizer, state)
         log.info("epoch %d: val length %.4f, gap %.2f%% vs %s, baseline %s (p=%.3g)", epoch + 1, val_length,
                  100 * state["val_gap"], ref_method, "replaced" if better else "kept", p)
@@ -245,6 +255,7 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
                    reference_length=ref_lengths.mean().item(), val_gap=state["val_gap"], train_seconds=state["train_seconds"],
                    baseline_version=state["baseline_version"], policy_sha256=sha)
     save_json(summary, run_dir / "summary.json")
+    if run is not None: run.summary.update(summary); run.finish()
     return summary
 
 # %% ../nbs/80b_tsp_train.ipynb #72f1f1d3
