@@ -17,10 +17,10 @@ from torch import nn
 from . import __version__
 from .activations import ActivationDataset, ActivationStore, extract_activations, hook_dirname
 from .config import ConfigError, SAEConfig, TrainConfig, _check, _choice, config_from_dict, config_to_dict
-from .io import ArtifactExists, load_json, load_tensors, remove_tree, save_json, save_weights_folder
+from .io import load_json, load_tensors, save_json, save_weights_folder
 from .models import layer_hookpoints, model_name, num_layers
 from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEOutput, TopKSAE, geometric_median
-from .train import Trainer
+from .train import Trainer, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'PAIRS_FILE', 'NORMALIZATIONS', 'CLT_CLASSES', 'CLT_CFG_FILENAME', 'CLT_WEIGHTS_FILENAME', 'LayerPair',
            'parse_layer_pairs', 'collect_pairs', 'load_pairs', 'PairedDataset', 'CLTConfig', 'normalization_stats',
            'CLTMixin', 'TopKCLT', 'ReLUCLT', 'JumpReLUCLT', 'BatchTopKCLT', 'make_clt', 'save_clt', 'load_clt',
-           'LinearBaseline', 'fit_linear_baseline', 'prepare_training', 'train_clt']
+           'LinearBaseline', 'fit_linear_baseline', 'train_clt']
 
 # %% ../nbs/40_clt.ipynb #b21f8268
 @dataclass(frozen=True)
@@ -334,23 +334,6 @@ def fit_linear_baseline(data: PairedDataset, ridge: float = 1e-6) -> LinearBasel
     return LinearBaseline(W_DO.float(), (my0 + my - (mx0 + mx) @ W_DO).float())
 
 # %% ../nbs/40_clt.ipynb #a02e5577
-def prepare_training(settings: dict, out_dir, ckpt_dir, overwrite: bool, what: str) -> dict | None:
-    """The finished summary when `out_dir` was trained with these `settings` (reuse); else clear what `overwrite` asks,
-    refuse a finished or unfinished training with other settings, record `settings` beside the checkpoints, return None."""
-    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
-    settings = json.loads(json.dumps(settings))
-    old = load_json(ckpt_dir / "settings.json") if (ckpt_dir / "settings.json").exists() else None
-    if (out_dir / "summary.json").exists() and not overwrite:
-        if old == settings:
-            log.info("%s: already trained, reusing %s", what, out_dir)
-            return load_json(out_dir / "summary.json")
-        raise ArtifactExists(f"{what} at {out_dir} is already finished (trained with other settings); pass --overwrite to retrain it")
-    if overwrite: remove_tree(out_dir); remove_tree(ckpt_dir)
-    elif old is not None and old != settings:
-        raise ArtifactExists(f"an unfinished {what} training at {ckpt_dir} used other settings; pass --overwrite to start over")
-    save_json(settings, ckpt_dir / "settings.json")
-    return None
-
 def train_clt(root, pair: str, clt_cfg: CLTConfig, train_cfg: TrainConfig, out_dir, ckpt_dir, overwrite: bool = False,
               progress: bool = True) -> dict:
     "Train the transcoder of pair `pair` of the paired activations under `root`; returns the Trainer's summary."

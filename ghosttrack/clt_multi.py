@@ -15,7 +15,8 @@ from torch import nn
 
 from . import __version__
 from .activations import hook_dirname
-from .clt import CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, normalization_stats, prepare_training
+from .clt import CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, normalization_stats
+from .train import prepare_training
 from .config import ConfigError, TrainConfig, _check, config_from_dict, config_to_dict
 from .io import load_json, load_tensors, save_weights_folder
 from .models import forward, hooked, num_layers

@@ -21,7 +21,7 @@ from .io import append_jsonl, load_json, load_tensors, read_jsonl, save_json, sa
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'lr_lambda', 'wandb_run', 'save_checkpoint', 'load_checkpoint', 'Trainer', 'train_sae']
+__all__ = ['log', 'lr_lambda', 'wandb_run', 'save_checkpoint', 'load_checkpoint', 'Trainer', 'prepare_training', 'train_sae']
 
 # %% ../nbs/35_train.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -216,10 +216,27 @@ class Trainer:
         return summary
 
 # %% ../nbs/35_train.ipynb #a78eb5d5
+def prepare_training(settings: dict, out_dir, ckpt_dir, overwrite: bool, what: str) -> dict | None:
+    """The finished summary when `out_dir` was trained with these `settings` (reuse); else clear what `overwrite` asks,
+    refuse a finished or unfinished training with other settings, record `settings` beside the checkpoints, return None."""
+    from ghosttrack.io import ArtifactExists, remove_tree
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
+    settings = json.loads(json.dumps(settings))
+    old = load_json(ckpt_dir / "settings.json") if (ckpt_dir / "settings.json").exists() else None
+    if (out_dir / "summary.json").exists() and not overwrite:
+        if old == settings:
+            log.info("%s: already trained, reusing %s", what, out_dir)
+            return load_json(out_dir / "summary.json")
+        raise ArtifactExists(f"{what} at {out_dir} is already finished (trained with other settings); pass --overwrite to retrain it")
+    if overwrite: remove_tree(out_dir); remove_tree(ckpt_dir)
+    elif old is not None and old != settings:
+        raise ArtifactExists(f"an unfinished {what} training at {ckpt_dir} used other settings; pass --overwrite to start over")
+    save_json(settings, ckpt_dir / "settings.json")
+    return None
+
 def train_sae(store_folder, sae_cfg, train_cfg: TrainConfig, out_dir, ckpt_dir, overwrite: bool = False, progress: bool = True) -> dict:
     "Train one SAE on one activation store; returns the summary (metrics, tokens/s)."
     from ghosttrack.activations import ActivationDataset
-    from ghosttrack.io import ArtifactExists, remove_tree
     from ghosttrack.sae import make_sae, save_sae
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     train = ActivationDataset(store_folder, train_cfg.batch_size, "train", train_cfg.val_fraction, train_cfg.seed)
@@ -228,17 +245,7 @@ def train_sae(store_folder, sae_cfg, train_cfg: TrainConfig, out_dir, ckpt_dir, 
     cfg = sae_cfg.with_d_in(train.d_in, hook_name=m["hookpoint"], model_name=m["model"])
     settings = {"sae": config_to_dict(cfg), "train": config_to_dict(train_cfg), "store": str(Path(store_folder).resolve()),
                 "store_rows": m["num_tokens"]}
-    if (out_dir / "summary.json").exists():
-        old = load_json(ckpt_dir / "settings.json") if (ckpt_dir / "settings.json").exists() else None
-        if old == json.loads(json.dumps(settings)) and not overwrite:
-            log.info("%s: already trained, reusing %s", m["hookpoint"], out_dir)
-            return load_json(out_dir / "summary.json")
-        if not overwrite:
-            raise ArtifactExists(f"SAE at {out_dir} is already finished (trained with other settings); pass --overwrite to retrain it")
-    if overwrite: remove_tree(out_dir); remove_tree(ckpt_dir)
-    if (ckpt_dir / "settings.json").exists() and load_json(ckpt_dir / "settings.json") != json.loads(json.dumps(settings)):
-        raise ArtifactExists(f"an unfinished training at {ckpt_dir} used other settings; pass --overwrite to start over")
-    save_json(settings, ckpt_dir / "settings.json")
+    if (done := prepare_training(settings, out_dir, ckpt_dir, overwrite, f"SAE {m['hookpoint']}")) is not None: return done
     torch.manual_seed(train_cfg.seed)
     sae = make_sae(cfg)
     if len(train) == 0:
