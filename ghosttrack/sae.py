@@ -20,7 +20,8 @@ from .io import load_json, load_tensors, save_json, save_tensors, save_weights_f
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
            'SAEOutput', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'StepFn',
-           'JumpReLUSAE', 'make_sae', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
+           'JumpReLUSAE', 'make_sae', 'sparse_decode', 'TopKEncodeFn', 'synthetic_sparse_data', 'saelens_cfg',
+           'save_sae', 'load_sae']
 
 # %% ../nbs/30_sae.ipynb #90fadcef
 @dataclass
@@ -83,17 +84,26 @@ class SAE(nn.Module):
     def sparsity_loss(self, pre_BF, acts_BF, sigma) -> torch.Tensor:
         return pre_BF.new_zeros(())
 
-    def forward(self, x_BD: torch.Tensor, dead_mask_F: torch.Tensor | None = None, *,
-                auxk_k: int | None = None, auxk_coefficient: float = 1 / 32) -> SAEOutput:
-        "Encode, decode and score a batch `[..., d_in]` (flattened to rows); `dead_mask_F` marks dead latents for AuxK."
-        x_BD = x_BD.reshape(-1, self.cfg.d_in)
+    def code(self, x_BD: torch.Tensor) -> tuple:
+        "`(pre_BF, acts_BF, x_hat_BD)` of rows `x_BD`: the plain dense path (TopK overrides it with a sparse one)."
         pre_BF = self.pre_acts(x_BD)
         acts_BF = self.activate(pre_BF)
-        x_hat_BD = self.decode(acts_BF)
+        return pre_BF, acts_BF, self.decode(acts_BF)
+
+    def forward(self, x_BD: torch.Tensor, dead_mask_F: torch.Tensor | None = None, *,
+                auxk_k: int | None = None, auxk_coefficient: float = 1 / 32,
+                total_var: torch.Tensor | None = None, total_rows: int | None = None) -> SAEOutput:
+        """Encode, decode and score a batch `[..., d_in]` (flattened to rows); `dead_mask_F` marks dead latents for AuxK.
+        For one slice of a larger batch (gradient accumulation, one DDP rank), pass that batch's `total_var` and
+        `total_rows`: the slices' losses then add up to the whole batch's loss."""
+        x_BD = x_BD.reshape(-1, self.cfg.d_in)
+        pre_BF, acts_BF, x_hat_BD = self.code(x_BD)
         x32_BD = x_BD.float()   # sums of squares in float32 even under autocast
-        total_var = (x32_BD - x32_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        if total_var is None: total_var = (x32_BD - x32_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        share = 1.0 if total_rows is None else len(x_BD) / total_rows
         recon = (x_hat_BD.float() - x32_BD).pow(2).sum() / total_var
-        sparsity = self.sparsity_loss(pre_BF, acts_BF, (total_var / x_BD.numel()).sqrt())
+        sigma = (total_var / ((total_rows or len(x_BD)) * self.cfg.d_in)).sqrt()
+        sparsity = share * self.sparsity_loss(pre_BF, acts_BF, sigma)
         aux = auxk_coefficient * self.auxk_loss(x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var)
         return SAEOutput(x_hat_BD, acts_BF, pre_BF, recon + sparsity + aux, recon, sparsity, aux)
 
@@ -104,7 +114,8 @@ class SAE(nn.Module):
         auxk_k = auxk_k or self.cfg.d_in // 2
         scale, k = min(num_dead / auxk_k, 1.0), min(auxk_k, num_dead)
         vals_BK, idx_BK = pre_BF.masked_fill(~dead_mask_F.bool(), -math.inf).topk(k, dim=-1, sorted=False)
-        e_hat_BD = torch.zeros_like(pre_BF).scatter(-1, idx_BK, vals_BK) @ self.W_dec_FD
+        if getattr(self, "sparse_decoder", False): e_hat_BD = sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
+        else: e_hat_BD = torch.zeros_like(pre_BF).scatter(-1, idx_BK, vals_BK) @ self.W_dec_FD
         return scale * (e_hat_BD.float() - (x_BD - x_hat_BD).detach().float()).pow(2).sum() / total_var
 
     @torch.no_grad()
@@ -172,13 +183,32 @@ class TopKSAE(SAE):
     architecture = saelens_architecture = "topk"
     uses_auxk = True
 
+    sparse_decoder = False
+    "decode from the `k` active rows (`use_sparse_decoder`) instead of a dense `[B, d_sae] @ W_dec` matmul"
+
     def activate(self, pre_BF):
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre_BF).scatter(-1, idx_BK, F.relu(vals_BK))
 
+    def use_sparse_decoder(self, on: bool = True):
+        "Switch the sparse TopK path on or off (same outputs as the dense path, to float rounding); returns self."
+        self.sparse_decoder = on
+        return self
+
+    def code(self, x_BD):
+        if not self.sparse_decoder: return super().code(x_BD)
+        if self.cfg.apply_b_dec_to_input: x_BD = x_BD - self.b_dec
+        vals_BK, idx_BK, pre_BF = TopKEncodeFn.apply(x_BD, self.W_enc_DF, self.b_enc, self.cfg.k)
+        acts_BF = torch.zeros_like(pre_BF, dtype=vals_BK.dtype).scatter(-1, idx_BK, vals_BK)
+        return pre_BF, acts_BF, sparse_decode(vals_BK, idx_BK, self.W_dec_FD, self.b_dec)
+
 class BatchTopKSAE(TopKSAE):
     "Top `k·B` activations over the batch when training; a per-token threshold θ at inference (saved as JumpReLU)."
     architecture, saelens_architecture = "batchtopk", "jumprelu"
+
+    def use_sparse_decoder(self, on: bool = True):
+        if on: raise ValueError("batchtopk keeps a varying number of latents per token; the sparse decoder is for topk only")
+        return self
     threshold_lr = 0.01
     "rate of the moving average that estimates θ"
 
@@ -278,6 +308,41 @@ SAE_CLASSES = {c.architecture: c for c in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpR
 def make_sae(cfg: SAEConfig) -> SAE:
     "Build the SAE class that `cfg.architecture` names (`d_in` and `d_sae` must be set)."
     return SAE_CLASSES[cfg.architecture](cfg)
+
+# %% ../nbs/30_sae.ipynb #fea6cf7d
+def sparse_decode(vals_BK: torch.Tensor, idx_BK: torch.Tensor, W_dec_FD: torch.Tensor, b_dec_D: torch.Tensor | None = None) -> torch.Tensor:
+    "`Σⱼ vals[b, j] · W_dec[idx[b, j]] (+ b_dec)`: decode `k` active latents per row without the dense `[B, d_sae]` code."
+    x_hat_BD = F.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=vals_BK.to(W_dec_FD.dtype), mode="sum")
+    return x_hat_BD if b_dec_D is None else x_hat_BD + b_dec_D
+
+class TopKEncodeFn(torch.autograd.Function):
+    "`pre = x W_enc + b_enc`, its top-`k` (ReLU'd) values and indices; the backward touches only the `k` chosen columns."
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, k: int):
+        pre_BF = x_BD @ W_enc_DF + b_enc_F
+        vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
+        vals_BK = F.relu(vals_BK)
+        ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, vals_BK)
+        ctx.mark_non_differentiable(idx_BK)
+        ctx.set_materialize_grads(False)   # an unused `pre` must come back as None, not as a dense zero gradient
+        return vals_BK, idx_BK, pre_BF
+
+    @staticmethod
+    def backward(ctx, g_vals_BK, g_idx, g_pre_BF):
+        x_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
+        x_BD = x_BD.to(W_enc_DF.dtype)
+        if g_vals_BK is None: g_vals_BK = torch.zeros_like(vals_BK)
+        g_BK = (g_vals_BK * (vals_BK > 0)).to(W_enc_DF.dtype)
+        g_x_BD = sparse_decode(g_BK, idx_BK, W_enc_DF.T.contiguous())
+        flat_idx = idx_BK.reshape(-1)
+        g_W_FD = torch.zeros(W_enc_DF.shape[::-1], dtype=W_enc_DF.dtype, device=W_enc_DF.device)
+        g_W_FD.index_add_(0, flat_idx, (g_BK[..., None] * x_BD[:, None, :]).reshape(-1, x_BD.shape[-1]))
+        g_b_F = torch.zeros(W_enc_DF.shape[1], dtype=W_enc_DF.dtype, device=W_enc_DF.device).index_add_(0, flat_idx, g_BK.reshape(-1))
+        g_W_DF = g_W_FD.T
+        if g_pre_BF is not None:   # AuxK reads the dense pre-activations of dead latents
+            g_pre_BF = g_pre_BF.to(W_enc_DF.dtype)
+            g_x_BD, g_W_DF, g_b_F = g_x_BD + g_pre_BF @ W_enc_DF.T, g_W_DF + x_BD.T @ g_pre_BF, g_b_F + g_pre_BF.sum(0)
+        return g_x_BD, g_W_DF, g_b_F, None
 
 # %% ../nbs/30_sae.ipynb #80756458
 def synthetic_sparse_data(n: int, d_in: int = 64, n_features: int = 256, k: int = 4, noise: float = 0.01,

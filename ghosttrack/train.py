@@ -5,23 +5,30 @@
 # %% ../nbs/35_train.ipynb #0911412b
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, config_to_dict
+from .config import PerfConfig, TrainConfig, config_to_dict
 from .io import append_jsonl, load_json, load_tensors, read_jsonl, save_json, save_tensors, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'lr_lambda', 'wandb_run', 'save_checkpoint', 'load_checkpoint', 'Trainer', 'prepare_training', 'train_sae']
+__all__ = ['log', 'lr_lambda', 'wandb_run', 'save_checkpoint', 'load_checkpoint', 'init_distributed', 'prefetched', 'Trainer',
+           'prepare_training', 'train_sae']
 
 # %% ../nbs/35_train.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -100,32 +107,123 @@ def load_checkpoint(folder, model, opt, sched) -> tuple[dict, dict]:
     return state, {k: v for k, v in t.items() if not k.startswith(("model.", "opt.", "rng."))}
 
 # %% ../nbs/35_train.ipynb #18270a34
+def init_distributed() -> tuple[int, int]:
+    "Join the `torchrun` process group if launched by it (NCCL on GPUs, else gloo); returns `(rank, world_size)`."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return 0, 1
+    if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+def _move(batch, device):
+    if isinstance(batch, (tuple, list)): return tuple(_move(b, device) for b in batch)
+    if device.type == "cuda" and batch.device.type == "cpu": return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+def prefetched(batches, n: int, device):
+    "Iterate `batches` moved to `device`, `n` ahead on a background thread (n = 0: inline). Same items, same order."
+    device = torch.device(device)
+    if n <= 0:
+        for b in batches: yield _move(b, device)
+        return
+    q, stop, end = queue.Queue(n), threading.Event(), object()
+    def put(item):
+        while not stop.is_set():
+            try: q.put(item, timeout=0.05); return True
+            except queue.Full: pass
+        return False
+    def work():
+        try:
+            for b in batches:
+                if not put(_move(b, device)): return
+            put(end)
+        except BaseException as e: put(e)
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException): raise item
+            yield item
+    finally: stop.set()
+
+# %% ../nbs/35_train.ipynb #815a8446
 def _target(batch): return batch[-1] if isinstance(batch, (tuple, list)) else batch
 def _inputs(batch): return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+def _rows(batch, idx): return tuple(b[idx] for b in batch) if isinstance(batch, (tuple, list)) else batch[idx]
 
 class Trainer:
-    "Fits one dictionary on an activation dataset; resumable, logged, validated."
+    "Fits one dictionary on an activation dataset; resumable, logged, validated; optional fast paths and DDP."
     def __init__(self, model, train_data, val_data, cfg: TrainConfig, out_dir, ckpt_dir, save_fn, name: str = "",
-                 progress: bool = True, meta: dict | None = None):
+                 progress: bool = True, meta: dict | None = None, perf: PerfConfig | None = None, total_steps: int | None = None):
         self.model, self.train_data, self.val_data, self.cfg = model, train_data, val_data, cfg
         self.out_dir, self.ckpt_dir, self.save_fn = Path(out_dir), Path(ckpt_dir), save_fn
-        self.name, self.progress, self.meta = name or self.out_dir.name, progress, meta or {}
+        self.name, self.meta, self.perf = name or self.out_dir.name, meta or {}, perf or PerfConfig()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        self.main = self.rank == 0
+        self.progress = progress and self.main
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.model.to(self.device)
         self.steps_per_epoch = len(train_data)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.name}: {train_data.num_rows} training rows is less than one batch of {cfg.batch_size}; "
                              f"extract more tokens (--num-tokens) or lower train.batch_size")
-        self.total_steps = self.steps_per_epoch * cfg.num_epochs
+        self.total_steps = total_steps or self.steps_per_epoch * cfg.num_epochs
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total_steps, cfg.warmup_frac, cfg.min_lr_frac))
         d_sae = getattr(getattr(model, "cfg", None), "d_sae", None) or model.W_dec_FD.shape[0]
         self.since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.auxk_k = cfg.auxk_k or max(1, train_data.d_in // 2)
+        self._setup_fast_paths()
+
+    def _setup_fast_paths(self):
+        p = self.perf
+        if p.sparse_decoder: self.model.use_sparse_decoder()
+        if self.device.type == "cuda" and p.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p.autocast]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.autocast == "fp16")
+        self.sliced = p.grad_accum > 1 or self.world > 1
+        if self.sliced and "total_var" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(f"{self.name}: {type(self.model).__name__} cannot train on slices of a batch "
+                             "(grad_accum > 1 or DDP); use grad_accum=1 and one process")
+        self.fwd = self.model
+        if self.world > 1:
+            self.fwd = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if p.compile: self.fwd = torch.compile(self.fwd)
 
     def _loss_kw(self):
         dead = self.since_fired_F >= self.cfg.dead_window_tokens
         return dict(dead_mask_F=dead if dead.any() else None, auxk_k=self.auxk_k, auxk_coefficient=self.cfg.auxk_coefficient)
+
+    def backward(self, batch) -> dict:
+        """Forward and backward of one batch: this rank's slice, in `grad_accum` micro-batches, each normalised by
+        the whole batch's variance. Returns the batch's loss terms, L0 and the latents that fired (summed over ranks)."""
+        kw, rows = self._loss_kw(), len(_target(batch))
+        parts = [batch]
+        if self.sliced:
+            y = _target(batch).float()
+            kw.update(total_var=(y - y.mean(0)).pow(2).sum().clamp_min(1e-12), total_rows=rows)
+            mine = torch.tensor_split(torch.arange(rows, device=y.device), self.world)[self.rank]
+            parts = [_rows(batch, i) for i in torch.tensor_split(mine, self.perf.grad_accum) if len(i)]
+        sums, fired_F, out = torch.zeros(5, device=self.device), None, None
+        for i, part in enumerate(parts):
+            sync = self.world == 1 or i == len(parts) - 1 or not hasattr(self.fwd, "no_sync")
+            with contextlib.nullcontext() if sync else self.fwd.no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    out = self.fwd(*_inputs(part), **kw)
+                self.scaler.scale(out.loss * self.world).backward()   # DDP averages over ranks; slices add up
+            with torch.no_grad():
+                active = out.acts > 0
+                sums += torch.stack([out.loss.detach(), out.recon.detach(), out.sparsity.detach(), out.aux.detach(),
+                                     active.sum().float()]).float()
+                fired_F = active.any(0) if fired_F is None else fired_F | active.any(0)
+        if self.world > 1:
+            fired_i = fired_F.int()
+            dist.all_reduce(sums); dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
+            fired_F = fired_i.bool()
+        return {"out": out, "rows": rows, "loss": sums[0], "recon": sums[1], "sparsity": sums[2], "aux": sums[3],
+                "l0": sums[4] / rows, "fired_F": fired_F}
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -133,7 +231,7 @@ class Trainer:
         self.model.eval()
         n, sse, s, s2, l0, fired, shift = 0, 0.0, 0.0, 0.0, 0.0, None, None
         for batch in self.val_data.batches():
-            batch = tuple(b.to(self.device) for b in batch) if isinstance(batch, (tuple, list)) else batch.to(self.device)
+            batch = _move(batch, self.device)
             out, y = self.model(*_inputs(batch)), _target(batch).double()
             sse += (out.x_hat.double() - y).pow(2).sum().item()
             if shift is None: shift = y.mean(0)       # shifted sums keep the variance exact when the mean is large
@@ -147,73 +245,89 @@ class Trainer:
         return {"val_mse": sse / n / y.shape[-1], "val_fvu": sse / total_var, "val_l0": l0 / n,
                 "val_dead_frac": 1 - fired.float().mean().item(), "val_rows": n}
 
-    def fit(self) -> dict:
-        cfg, latest = self.cfg, self.ckpt_dir / "latest"
-        hist = self.out_dir / "history.jsonl"
-        step, epoch, best, t_train, start_batch, run_id = 0, 0, math.inf, 0.0, 0, None
+    def start(self):
+        "Resume from `ckpt_dir/latest` if there is one, open the logs; sets `step`, `epoch`, `start_batch`."
+        self.hist, latest = self.out_dir / "history.jsonl", self.ckpt_dir / "latest"
+        self.step, self.epoch, self.best, self.t_train, self.start_batch, run_id = 0, 0, math.inf, 0.0, 0, None
         if (latest / "state.json").exists():
             state, extra = load_checkpoint(latest, self.model, self.opt, self.sched)
-            step, best, t_train, run_id = state["step"], state["best_val_fvu"], state["train_seconds"], state.get("wandb_run_id")
-            epoch, start_batch = divmod(step, self.steps_per_epoch)
+            self.step, self.best, self.t_train, run_id = state["step"], state["best_val_fvu"], state["train_seconds"], state.get("wandb_run_id")
+            self.epoch, self.start_batch = divmod(self.step, self.steps_per_epoch)
             self.since_fired_F = extra["since_fired_F"].to(self.device)
-            atomic_write_text(hist, "".join(json.dumps(r) + "\n" for r in read_jsonl(hist) if r.get("step", 0) <= step))
-            log.info("%s: resuming at step %d/%d", self.name, step, self.total_steps)
-        else: hist.unlink(missing_ok=True)
-        run = wandb_run(cfg.wandb_mode, cfg.wandb_project, self.name, {"train": config_to_dict(cfg), **self.meta}, self.ckpt_dir, run_id)
-        run_id = run.id if run is not None else None
-        bar = tqdm(total=self.total_steps, initial=step, desc=self.name, unit="step", disable=not self.progress or None)
+            if self.main: atomic_write_text(self.hist, "".join(json.dumps(r) + "\n" for r in read_jsonl(self.hist) if r.get("step", 0) <= self.step))
+            log.info("%s: resuming at step %d/%d", self.name, self.step, self.total_steps)
+        elif self.main: self.hist.unlink(missing_ok=True)
+        self.run = wandb_run(self.cfg.wandb_mode, self.cfg.wandb_project, self.name, {"train": config_to_dict(self.cfg), **self.meta},
+                             self.ckpt_dir, run_id) if self.main else None
+        self.run_id = self.run.id if self.run is not None else None
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step", disable=not self.progress or None)
         self.model.train()
-        rows_per_step = cfg.batch_size
-        while step < self.total_steps:
-            t0 = time.time()
-            for batch in self.train_data.batches(epoch, start=start_batch):
-                batch = tuple(b.to(self.device) for b in batch) if isinstance(batch, (tuple, list)) else batch.to(self.device)
-                out = self.model(*_inputs(batch), **self._loss_kw())
-                self.opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if hasattr(self.model, "remove_parallel_grads_"): self.model.remove_parallel_grads_()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else torch.tensor(0.0)
-                self.opt.step(); self.sched.step()
-                if hasattr(self.model, "on_step"): self.model.on_step(out)
-                step += 1
-                if step % cfg.normalize_decoder_every == 0: self.model.normalize_decoder_()
-                with torch.no_grad():
-                    active = out.acts > 0
-                    self.since_fired_F += len(out.acts)
-                    self.since_fired_F[active.any(0)] = 0
-                if step % cfg.log_every == 0 or step == self.total_steps:
-                    rec = {"step": step, "epoch": epoch, "loss": out.loss.item(), "recon": out.recon.item(), "sparsity": out.sparsity.item(),
-                           "aux": out.aux.item(), "l0": active.sum(-1).float().mean().item(),
-                           "dead_frac": (self.since_fired_F >= cfg.dead_window_tokens).float().mean().item(),
-                           "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm)}
-                    append_jsonl(hist, rec)
-                    if run is not None: run.log(rec, step=step)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
-                bar.update(1)
-                if step % self.steps_per_epoch == 0:
-                    t_train += time.time() - t0; t0 = time.time()
-                    v = self.validate() | {"step": step, "epoch": epoch, "split": "val"}
-                    append_jsonl(hist, v)
-                    if run is not None: run.log({k: x for k, x in v.items() if k.startswith("val_")}, step=step)
-                    if v["val_fvu"] < best:
-                        best = v["val_fvu"]
-                        self.save_fn(self.model, self.ckpt_dir / "best", overwrite=True)
-                if step % cfg.checkpoint_every == 0 or step % self.steps_per_epoch == 0:
-                    t_train += time.time() - t0; t0 = time.time()
-                    save_checkpoint(latest, self.model, self.opt, self.sched, {"since_fired_F": self.since_fired_F},
-                                    {"step": step, "best_val_fvu": best, "train_seconds": t_train, "wandb_run_id": run_id})
-                if step >= self.total_steps: break
-            epoch, start_batch = epoch + 1, 0
-        bar.close()
+        self._mark = time.time()
+
+    def train_step(self, batch):
+        "One optimizer step on `batch` (already on the device), then logging, validation and checkpoints as due."
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        r = self.backward(batch)
+        self.scaler.unscale_(self.opt)
+        if hasattr(self.model, "remove_parallel_grads_"): self.model.remove_parallel_grads_()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else torch.tensor(0.0)
+        self.scaler.step(self.opt); self.scaler.update(); self.sched.step()
+        if hasattr(self.model, "on_step"): self.model.on_step(r["out"])
+        self.step += 1
+        step = self.step
+        if step % cfg.normalize_decoder_every == 0: self.model.normalize_decoder_()
+        with torch.no_grad():
+            self.since_fired_F += r["rows"]
+            self.since_fired_F[r["fired_F"]] = 0
+        if self.main and (step % cfg.log_every == 0 or step == self.total_steps):
+            rec = {"step": step, "epoch": self.epoch, **{k: r[k].item() for k in ("loss", "recon", "sparsity", "aux", "l0")},
+                   "dead_frac": (self.since_fired_F >= cfg.dead_window_tokens).float().mean().item(),
+                   "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            append_jsonl(self.hist, rec)
+            if self.run is not None: self.run.log(rec, step=step)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
+        self.bar.update(1)
+        self.t_train += time.time() - self._mark
+        if self.main and step % self.steps_per_epoch == 0:
+            v = self.validate() | {"step": step, "epoch": self.epoch, "split": "val"}
+            append_jsonl(self.hist, v)
+            if self.run is not None: self.run.log({k: x for k, x in v.items() if k.startswith("val_")}, step=step)
+            if v["val_fvu"] < self.best:
+                self.best = v["val_fvu"]
+                self.save_fn(self.model, self.ckpt_dir / "best", overwrite=True)
+        if self.main and (step % cfg.checkpoint_every == 0 or step % self.steps_per_epoch == 0):
+            save_checkpoint(self.ckpt_dir / "latest", self.model, self.opt, self.sched, {"since_fired_F": self.since_fired_F},
+                            {"step": step, "best_val_fvu": self.best, "train_seconds": self.t_train, "wandb_run_id": self.run_id})
+        if step % self.steps_per_epoch == 0: self.epoch += 1
+        self._mark = time.time()
+
+    def finish(self) -> dict:
+        "Final validation, save the artifact and `summary.json` (rank 0), close the logs; returns the summary."
+        self.bar.close()
         self.model.normalize_decoder_()
         final = self.validate()
-        summary = {"name": self.name, "steps": step, "epochs": cfg.num_epochs, "train_rows_per_epoch": self.train_data.num_rows,
-                   "train_seconds": t_train, "tokens_per_second": step * rows_per_step / max(t_train, 1e-9),
-                   "best_val_fvu": min(best, final["val_fvu"]), "wandb_run_id": run_id, **final, **self.meta}
-        self.save_fn(self.model, self.out_dir, overwrite=True)
-        save_json(summary, self.out_dir / "summary.json")
-        if run is not None: run.summary.update(summary); run.finish()
+        summary = {"name": self.name, "steps": self.step, "epochs": self.cfg.num_epochs, "train_rows_per_epoch": self.train_data.num_rows,
+                   "train_seconds": self.t_train, "tokens_per_second": self.step * self.cfg.batch_size / max(self.t_train, 1e-9),
+                   "best_val_fvu": min(self.best, final["val_fvu"]), "wandb_run_id": self.run_id, **final, **self.meta}
+        if self.main:
+            self.save_fn(self.model, self.out_dir, overwrite=True)
+            save_json(summary, self.out_dir / "summary.json")
+        if self.run is not None: self.run.summary.update(summary); self.run.finish()
         return summary
+
+    def fit(self) -> dict:
+        "Train to `total_steps` (resuming if a checkpoint exists) and save; returns the summary."
+        self.start()
+        while self.step < self.total_steps:
+            batches = self.train_data.batches(self.epoch, start=self.start_batch)
+            epoch = self.epoch
+            for batch in prefetched(batches, self.perf.prefetch, self.device):
+                self.train_step(batch)
+                if self.step >= self.total_steps or self.epoch != epoch: break
+            if self.epoch == epoch: self.epoch += 1   # the data ran out before the epoch's last step
+            self.start_batch = 0
+        return self.finish()
 
 # %% ../nbs/35_train.ipynb #a78eb5d5
 def prepare_training(settings: dict, out_dir, ckpt_dir, overwrite: bool, what: str) -> dict | None:
@@ -234,18 +348,25 @@ def prepare_training(settings: dict, out_dir, ckpt_dir, overwrite: bool, what: s
     save_json(settings, ckpt_dir / "settings.json")
     return None
 
-def train_sae(store_folder, sae_cfg, train_cfg: TrainConfig, out_dir, ckpt_dir, overwrite: bool = False, progress: bool = True) -> dict:
-    "Train one SAE on one activation store; returns the summary (metrics, tokens/s)."
+def train_sae(store_folder, sae_cfg, train_cfg: TrainConfig, out_dir, ckpt_dir, overwrite: bool = False, progress: bool = True,
+              perf: PerfConfig | None = None, dataset_cls=None) -> dict:
+    """Train one SAE on one activation store (with the fast paths `perf` asks for); returns the summary (metrics, tokens/s).
+    `dataset_cls` replaces `ActivationDataset` for the training split (another data order, e.g. streaming's)."""
     from ghosttrack.activations import ActivationDataset
     from ghosttrack.sae import make_sae, save_sae
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
-    train = ActivationDataset(store_folder, train_cfg.batch_size, "train", train_cfg.val_fraction, train_cfg.seed)
+    train = (dataset_cls or ActivationDataset)(store_folder, train_cfg.batch_size, "train", train_cfg.val_fraction, train_cfg.seed)
     val = ActivationDataset(store_folder, 4096, "val", train_cfg.val_fraction, verify=False)
     m = train.store.manifest
     cfg = sae_cfg.with_d_in(train.d_in, hook_name=m["hookpoint"], model_name=m["model"])
     settings = {"sae": config_to_dict(cfg), "train": config_to_dict(train_cfg), "store": str(Path(store_folder).resolve()),
                 "store_rows": m["num_tokens"]}
-    if (done := prepare_training(settings, out_dir, ckpt_dir, overwrite, f"SAE {m['hookpoint']}")) is not None: return done
+    if dataset_cls is not None: settings["order"] = dataset_cls.__name__
+    ddp = dist.is_available() and dist.is_initialized()
+    done = prepare_training(settings, out_dir, ckpt_dir, overwrite, f"SAE {m['hookpoint']}") if not ddp or dist.get_rank() == 0 else None
+    if ddp:   # rank 0 decides (reuse, refuse, start); the other ranks follow
+        box = [done]; dist.broadcast_object_list(box, 0); done = box[0]
+    if done is not None: return done
     torch.manual_seed(train_cfg.seed)
     sae = make_sae(cfg)
     if len(train) == 0:
@@ -254,5 +375,5 @@ def train_sae(store_folder, sae_cfg, train_cfg: TrainConfig, out_dir, ckpt_dir, 
     sample = next(iter(train.batches(0)))
     sae.init_b_dec_(sample)
     t = Trainer(sae, train, val, train_cfg, out_dir, ckpt_dir, save_sae, name=m["hookpoint"], progress=progress,
-                meta={"hookpoint": m["hookpoint"], "model": m["model"], "architecture": cfg.architecture, "d_sae": cfg.d_sae})
+                meta={"hookpoint": m["hookpoint"], "model": m["model"], "architecture": cfg.architecture, "d_sae": cfg.d_sae}, perf=perf)
     return t.fit()
