@@ -1,0 +1,220 @@
+"""Attribution graphs end to end: on a tiny GPT-2 with a trained multi-layer CLT the replacement reproduces the clean
+logits, edges equal perturbation effects, ablations move the output the way the graph predicts, and
+`ghosttrack attribute` writes JSON/CSV/PNG/HTML (refusing to overwrite); the same exactness and the command on a
+pipeline run of the built-in Llama (SmolLM2) with its pairwise transcoder; on a tiny TSP policy with a trained
+transcoder — a `tsp-train` folder and a pipeline run folder (policy in `policy/`) — the command explains the policy's
+chosen action."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ghosttrack.activations import extract_activations
+from ghosttrack.attribution import ReplacementModel, compute_adjacency
+from ghosttrack.attribution_export import load_graph_json, validate_graph_json
+from ghosttrack.attribution_graph import ablation_agreement, graph_scores
+from ghosttrack.clt_multi import MultiLayerCLTConfig, load_multilayer_clt, multilayer_hookpoints, train_multilayer_clt
+from ghosttrack.config import ExtractConfig, RunConfig, TrainConfig, save_config
+from ghosttrack.corpus import TextCorpus, TokenSource
+from ghosttrack.io import load_json, save_json
+from ghosttrack.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TCFG = dict(batch_size=128, num_epochs=4, lr=4e-3, checkpoint_every=50, log_every=10, wandb_mode="disabled", dead_window_tokens=5000)
+
+
+def attribute(*args, check=True):
+    "`ghosttrack attribute …` in a subprocess, through the module's own entry point."
+    r = subprocess.run([sys.executable, "-m", "ghosttrack", "attribute", *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and r.returncode != 0: raise AssertionError(f"attribute {args} exited {r.returncode}:\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def lm_run(tiny_model_dir, wikitext, tmp_path_factory):
+    "A run folder: the tiny GPT-2 and a multi-layer CLT trained on 4k WikiText tokens."
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("attr") / "lm"
+    model, tok = load_model(str(tiny_model_dir))
+    srcs, tgts = multilayer_hookpoints(model)
+    src = TokenSource(TextCorpus(wikitext), tok, 32)
+    extract_activations(model, src, srcs + tgts, run / "activations", 4000, batch_size=16, shard_tokens=2048, progress=False)
+    train_multilayer_clt(run / "activations", srcs, tgts, MultiLayerCLTConfig(expansion_factor=2, k=8, normalize="unit_norm", skip=True),
+                         TrainConfig(**TCFG), run / "clts" / "clt_all", run / "checkpoints" / "clt_all", progress=False)
+    save_config(RunConfig(name="lm", run_dir=str(run), extract=ExtractConfig(model=str(tiny_model_dir))), run / "config.json")
+    held_out = [r[:12] for _, r in zip(range(12), src.rows(skip_rows=400))]
+    return run, model, load_multilayer_clt(run / "clts" / "clt_all").eval(), held_out
+
+
+def frozen_targets(rm, zero=()):
+    "Every target node's value (0 for non-targets) in the frozen replacement, with the nodes in `zero` set to 0."
+    with torch.no_grad():
+        vals = rm.output_values(rm.forward("frozen", leaves=rm.make_leaves(1, zero)))[0]
+    return torch.tensor([float(vals[t - rm.output_start]) if nd.kind == "output" else float(rm.pres[nd.group][0, nd.pos, nd.index])
+                         if nd.kind == "feature" else 0.0 for t, nd in enumerate(rm.nodes)])
+
+
+def assert_exact(model, ids, dictionary, atol=1e-4):
+    "The replacement reproduces the clean logits in both modes and each checked edge is the effect of zeroing its source."
+    rm = ReplacementModel(model, ids, dictionary)
+    with torch.no_grad():
+        clean = model(ids).logits
+        torch.testing.assert_close(rm.forward("frozen", all_positions=True).logits, clean, atol=atol, rtol=1e-4)
+        torch.testing.assert_close(rm.forward("live", all_positions=True).logits, clean, atol=atol, rtol=1e-4)
+    A = compute_adjacency(rm, batch_size=32)
+    base = frozen_targets(rm)
+    feats = [i for i, nd in enumerate(rm.nodes) if nd.kind == "feature"]
+    for s in [feats[0], feats[len(feats) // 2], rm.error_start + 3, rm.embed_start + 1]:
+        assert A[:, s].abs().max() > 0, rm.nodes[s]
+        torch.testing.assert_close(frozen_targets(rm, [s]) - base, -A[:, s], atol=2e-4 * (1 + A[:, s].abs().max().item()), rtol=0)
+    return rm, A
+
+
+def test_replacement_is_exact_and_edges_are_perturbation_effects(lm_run):
+    run, model, clt, rows = lm_run
+    assert_exact(model, rows[0][None], clt)
+
+
+def test_ablating_the_top_feature_moves_the_output_as_predicted(lm_run):
+    run, model, clt, rows = lm_run
+    res, scores = [], []
+    for r in rows:
+        rm = ReplacementModel(model, r[None], clt)
+        A = compute_adjacency(rm)
+        scores.append(graph_scores(A, rm.nodes)["replacement_score"])
+        res.append(ablation_agreement(rm, A))
+    rate = sum(x["agrees"] for x in res) / len(res)
+    print(f"\nablation agreement {rate:.2f} on {len(res)} prompts; replacement score mean {sum(scores) / len(scores):.3f}")
+    assert rate >= 0.75, res
+
+
+def test_attribute_command_on_a_language_model_run(lm_run, capsys):
+    run, *_ = lm_run
+    r = attribute("--run-dir", run, "--prompt", "The tower is in the city of", "--static")
+    assert "replacement score" in r.stdout
+    paths = {ext: run / "graphs" / f"the-tower-is-in-the-city-of.{ext}" for ext in ("json", "csv", "png", "html")}
+    assert all(p.exists() for p in paths.values()), (r.stdout, list((run / "graphs").iterdir()))
+    d = load_json(paths["json"])
+    validate_graph_json(d)
+    nodes, A = load_graph_json(paths["json"])
+    assert len(nodes) == len(d["nodes"]) and int((A != 0).sum()) == len(d["links"]) > 0
+    assert {n["feature_type"] for n in nodes} == {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    assert sum(n["is_target_logit"] for n in nodes) == 1
+    assert any(n["clerp"].startswith("→ ") for n in nodes if n["feature_type"] == "cross layer transcoder")   # logit-lens labels
+    info = d["metadata"]["info"]
+    assert info["pruning"]["feature_influence_kept"] >= 0.8 and info["pruning"]["edge_influence_kept"] >= 0.98
+    assert 0 < info["scores"]["replacement_score"] <= 1 and info["top_paths"]
+    assert len(list(csv.DictReader(open(paths["csv"])))) == len(d["links"])
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG" and "<svg" in paths["html"].read_text()
+    assert (run / "graphs" / "static_clt_all.json").exists()
+    print("\n" + r.stdout)
+    from ghosttrack.cli import main                  # the same command in-process: faster than more subprocesses
+    assert main(["attribute", "--run-dir", str(run), "--prompt", "The tower is in the city of"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["attribute", "--run-dir", str(run), "--prompt", "The tower is in the city of", "--overwrite", "--node-threshold", "0.5"]) == 0
+    assert load_json(paths["json"])["metadata"]["node_threshold"] == 0.5
+
+
+def test_attribute_command_on_a_tsp_policy(tmp_path, capsys):
+    from ghosttrack.clt import CLTConfig, collect_pairs, train_clt
+    from ghosttrack.tsp import AttentionPolicy, TSPInstances, save_policy
+    torch.manual_seed(0)
+    run = tmp_path / "tsp"
+    policy = AttentionPolicy(d_model=32, n_layers=2, n_heads=4, d_ff=64).eval()
+    save_policy(policy, run / "policy.safetensors")
+    save_json({"n": 10}, run / "config.json")
+    collect_pairs(policy, TSPInstances(10, seed=0, num_instances=300), "0:1", run / "activations", num_tokens=3000,
+                  batch_size=50, shard_tokens=1000, progress=False)
+    train_clt(run / "activations", "clt_L0_to_L1", CLTConfig(expansion_factor=4, k=8, normalize="unit_norm", skip=True),
+              TrainConfig(**{**TCFG, "num_epochs": 2}), run / "clts" / "clt_L0_to_L1", run / "ck", progress=False)
+    r = attribute("--run-dir", run, "--instance", 3, "--step", 2)
+    print("\n" + r.stdout)
+    d = load_json(run / "graphs" / "instance-3-step-2.json")
+    validate_graph_json(d)
+    coords = TSPInstances(10, seed=1234, num_instances=4).tensor()[3:4]
+    with torch.no_grad(): chosen = int(policy(coords).tours[0, 2])
+    target = [n for n in d["nodes"] if n["is_target_logit"]]
+    assert len(target) == 1 and target[0]["feature"] == chosen
+    assert {n["feature_type"] for n in d["nodes"]} >= {"cross layer transcoder", "embedding", "logit"}
+    assert all((run / "graphs" / f"instance-3-step-2.{e}").exists() for e in ("csv", "png", "html"))
+    from ghosttrack.cli import main
+    assert main(["attribute", "--run-dir", str(run), "--prompt", "hello"]) == 2
+    assert "--instance" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    "A pipeline run of the built-in SmolLM2 (a Llama; `tiny` preset: 2048 stdlib tokens, pairwise CLT blocks.1 → blocks.2)."
+    from ghosttrack.models import ModelUnavailable
+    from ghosttrack.stages import stage_job
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("attr") / "smollm2"
+    try: stage_job("tiny", run_dir=str(run), progress=False).run("clt")
+    except ModelUnavailable as e: pytest.skip(f"the built-in smollm2-135m cannot be loaded here: {e}")
+    return run
+
+
+PROMPT = "Return the absolute value of a number."
+
+
+def test_llama_replacement_is_exact_and_edges_are_perturbation_effects(smollm2_run):
+    from ghosttrack.clt import load_clt
+    model, tok = load_model("smollm2-135m")
+    assert model.config.model_type == "llama" and model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.tensor([[tok.bos_token_id] + tok(PROMPT)["input_ids"]])
+    rm, A = assert_exact(model, ids, load_clt(smollm2_run / "clts" / "clt_L1_to_L2").eval(), atol=2e-4)
+    assert {nd.kind for nd in rm.nodes} == {"feature", "error", "embedding", "output"}
+
+
+def test_attribute_command_on_a_llama_run(smollm2_run, capsys):
+    from ghosttrack.cli import main
+    assert main(["attribute", "--run-dir", str(smollm2_run), "--prompt", PROMPT]) == 0
+    out = capsys.readouterr().out
+    print("\n" + out)
+    json_path = smollm2_run / "graphs" / "return-the-absolute-value-of-a-number.json"
+    d = load_json(json_path)
+    validate_graph_json(d)
+    assert {n["feature_type"] for n in d["nodes"]} == {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    model, tok = load_model("smollm2-135m")
+    with torch.no_grad(): top = int(model(torch.tensor([[tok.bos_token_id] + tok(PROMPT)["input_ids"]])).logits[0, -1].argmax())
+    target = [n for n in d["nodes"] if n["is_target_logit"]]
+    assert len(target) == 1 and target[0]["feature"] == top
+    info = d["metadata"]["info"]
+    assert info["pruning"]["feature_influence_kept"] >= 0.8 and info["pruning"]["edge_influence_kept"] >= 0.98
+    assert 0 < info["scores"]["replacement_score"] <= 1 and len(d["links"]) > 0
+    assert all(json_path.with_suffix(e).exists() for e in (".csv", ".png", ".html"))
+
+
+def test_attribute_on_a_tsp_pipeline_run(tmp_path):
+    from ghosttrack.attribution import ReplacementModel
+    from ghosttrack.attribution_cli import attribute as attribute_run
+    from ghosttrack.clt import load_clt
+    from ghosttrack.config import load_config
+    from ghosttrack.pipeline import tsp_instances
+    from ghosttrack.stages import stage_job
+    from ghosttrack.tsp import load_policy
+    torch.set_num_threads(1)
+    run = tmp_path / "tsp"
+    stage_job("tsp-tiny", run_dir=str(run), progress=False).run("clt")
+    assert (run / "policy" / "policy.safetensors").exists() and not (run / "policy.safetensors").exists()
+    r = attribute_run(run, instance=0, step=1)
+    print(f"\ntsp-tiny pipeline run: {r['nodes_before']} nodes / {r['edges_before']} edges → {r['nodes']} / {r['links']}, "
+          f"replacement score {r['scores']['replacement_score']:.3f}, {r['seconds']:.1f}s")
+    d = load_json(r["paths"]["json"])
+    validate_graph_json(d)
+    coords = tsp_instances(load_config(run / "config.json"), "test").tensor()[:1]     # the run's own test instances
+    policy = load_policy(run / "policy")
+    with torch.no_grad(): chosen = int(policy(coords).tours[0, 1])
+    target = [n for n in d["nodes"] if n["is_target_logit"]]
+    assert len(target) == 1 and target[0]["feature"] == chosen
+    assert {n["feature_type"] for n in d["nodes"]} >= {"cross layer transcoder", "embedding", "logit"}
+    assert all(r["paths"][e].exists() for e in ("csv", "png", "html"))
+    rm = ReplacementModel(policy, coords, load_clt(run / "clts" / "clt_L0_to_L1").eval(), step=1)
+    with torch.no_grad():
+        torch.testing.assert_close(rm.output_values(rm.forward("frozen")), rm.output_values(rm.forward("live")), atol=1e-4, rtol=1e-4)
