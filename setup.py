@@ -1,7 +1,11 @@
 """Package metadata comes from settings.ini, the one place nbdev and pip both read."""
+import json
 from configparser import ConfigParser
+from pathlib import Path
+
 from packaging.version import Version
 import setuptools
+from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=["="])
 config.read("settings.ini", encoding="utf-8")
@@ -20,6 +24,27 @@ lic = licenses[cfg["license"].lower()]
 
 def reqs(key):
     return cfg.get(key, "").split()
+
+
+def stage_notebooks():
+    "The notebooks with a papermill `parameters` cell: `ghosttrack run` executes them, so wheels carry them."
+    for nb in sorted(Path("nbs").glob("*.ipynb")):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        if any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells):
+            yield nb
+
+
+class BuildWithStageNotebooks(build_py):
+    "Copy the stage notebooks into the built package as `ghosttrack/stage_nbs/` (a checkout reads `nbs/` directly)."
+    def run(self):
+        super().run()
+        out = Path(self.build_lib) / cfg["lib_path"] / "stage_nbs"
+        out.mkdir(parents=True, exist_ok=True)
+        for nb in stage_notebooks():
+            self.copy_file(str(nb), str(out / nb.name))
+
+
+extras = {k[: -len("_requirements")]: reqs(k) for k in cfg if k.endswith("_requirements") and k != "requirements"}
 
 
 setuptools.setup(
@@ -43,7 +68,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["ghosttrack", "ghosttrack.*"]),
     python_requires=">=" + min_python,
     install_requires=reqs("requirements"),
-    extras_require={"dev": reqs("dev_requirements"), "demo": reqs("demo_requirements")},
+    extras_require=extras,
+    cmdclass={"build_py": BuildWithStageNotebooks},
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

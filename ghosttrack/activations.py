@@ -33,14 +33,18 @@ def hook_dirname(hookpoint: str) -> str:
 def _dtype(name: str) -> torch.dtype: return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 class StoreWriter:
-    "Writes one hookpoint's activations as shards plus a manifest; resumes from the finished shards."
-    def __init__(self, folder, header: dict, shard_tokens: int):
-        self.folder, self.shard_tokens = Path(folder), shard_tokens
+    """Writes one hookpoint's activations as shards plus a manifest; resumes from the finished shards.
+    Statistics, serialisation and checksums run on a background thread (one per hookpoint), at most `max_pending`
+    shards behind the forward pass, so the model does not wait for the disk and memory stays bounded."""
+    def __init__(self, folder, header: dict, shard_tokens: int, max_pending: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+        self.folder, self.shard_tokens, self.max_pending = Path(folder), shard_tokens, max_pending
         self.folder.mkdir(parents=True, exist_ok=True)
         mpath = self.folder / "manifest.json"
         self.manifest = load_json(mpath) if mpath.exists() else {**header, "shards": [], "num_tokens": 0, "complete": False}
         for stray in self.folder.glob(".*.tmp"): stray.unlink()
         self.buf, self.ids = [], []
+        self.pool, self.pending, self.next_shard = ThreadPoolExecutor(1, thread_name_prefix="store"), [], len(self.manifest["shards"])
 
     @property
     def rows_done(self) -> int: return sum(s["rows"] for s in self.manifest["shards"])
@@ -52,6 +56,7 @@ class StoreWriter:
             if n + s["rows"] > rows: (self.folder / s["file"]).unlink(missing_ok=True)
             else: keep.append(s); n += s["rows"]
         self.manifest["shards"] = keep
+        self.next_shard = len(keep)
         self._save_manifest()
 
     def add(self, acts_ND: torch.Tensor, ids_N: torch.Tensor | None = None):
@@ -64,14 +69,23 @@ class StoreWriter:
         ids = torch.cat(self.ids) if self.ids else None
         self.buf = [acts[n:]] if len(acts) > n else []
         self.ids = [ids[n:]] if ids is not None and len(ids) > n else []
-        acts = acts[:n]
+        name = f"shard-{self.next_shard:05d}.safetensors"
+        self.next_shard += 1
+        while len(self.pending) >= self.max_pending: self.pending.pop(0).result()   # re-raises a failed write
+        self.pending.append(self.pool.submit(self._write, name, acts[:n].clone(), None if ids is None else ids[:n].clone()))
+
+    def _write(self, name: str, acts: torch.Tensor, ids):
+        "One shard: its running sums, the file (atomic), then its line in the manifest — in shard order."
         a64 = acts.double()
         t = {"activations": acts, "sum": a64.sum(0), "sum_sq": (a64 ** 2).sum(0), "norm_sum": a64.norm(dim=-1).sum().reshape(1)}
-        if ids is not None: t["token_ids"] = ids[:n].to(torch.int32)
-        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+        if ids is not None: t["token_ids"] = ids.to(torch.int32)
         sha = save_tensors(t, self.folder / name)
-        self.manifest["shards"].append({"file": name, "rows": n, "sha256": sha})
+        self.manifest["shards"].append({"file": name, "rows": len(acts), "sha256": sha})
         self._save_manifest()
+
+    def wait(self):
+        "Block until every submitted shard is on disk (re-raising a failed write)."
+        while self.pending: self.pending.pop(0).result()
 
     def _save_manifest(self):
         self.manifest["num_tokens"] = self.rows_done
@@ -81,6 +95,8 @@ class StoreWriter:
         "Write the last partial shard, compute statistics, and mark the store complete."
         rest = sum(len(b) for b in self.buf)
         if rest: self._flush(rest)
+        self.wait()
+        self.pool.shutdown()
         self.manifest["stats"] = store_stats(self.folder, self.manifest)
         self.manifest["complete"] = True
         self._save_manifest()

@@ -14,7 +14,7 @@ def _common(p, run=True):
         p.add_argument("--run-dir", help="run folder (default runs/<name>)")
         p.add_argument("--name", help="run name (default: from the preset)")
         p.add_argument("--config", help="JSON/YAML file with a RunConfig (sections corpus, extract, sae, train)")
-        p.add_argument("--preset", help="start from a named preset (demo, gpt2-small)")
+        p.add_argument("--preset", help="start from a named preset (`ghosttrack presets`: tiny, demo, gpt2-small, tsp20, truthfulqa …)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field")
         p.add_argument("--overwrite", action="store_true", help="rebuild finished artifacts instead of reusing them")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps")
@@ -42,6 +42,10 @@ def _train_flags(p):
     p.add_argument("--epochs", type=int, help="passes over the training split")
     p.add_argument("--save-dir", help="where trained SAEs go (default <run>/saes)")
     p.add_argument("--wandb-mode", choices=["auto", "online", "offline", "disabled"], help="Weights & Biases logging")
+    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], help="half-precision matmuls, float32 master weights")
+    p.add_argument("--sparse-decoder", action="store_true", default=None, help="TopK: decode from the k active rows (faster)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the SAE forward")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step (same gradient, less memory)")
     if not any(a.dest == "layers" for a in p._actions):
         p.add_argument("--layers", help="which layers' stores to train on (all, 0,6,11)")
         p.add_argument("--hookpoints", help="extra hookpoints to train on, comma-separated")
@@ -51,7 +55,9 @@ _FLAG_FIELDS = {"model": "extract.model", "corpus": "corpus.source", "layers": "
                 "num_tokens": "extract.num_tokens", "batch_size_extract": "extract.batch_size", "context_len": "corpus.context_len",
                 "dtype": "extract.dtype", "arch": "sae.architecture", "expansion_factor": "sae.expansion_factor", "k": "sae.k",
                 "l1_coefficient": "sae.l1_coefficient", "lr": "train.lr", "batch_size": "train.batch_size", "epochs": "train.num_epochs",
-                "wandb_mode": "train.wandb_mode", "cache_dir": "cache_dir", "run_dir": "run_dir", "name": "name"}
+                "wandb_mode": "train.wandb_mode", "cache_dir": "cache_dir", "run_dir": "run_dir", "name": "name",
+                "autocast": "perf.autocast", "sparse_decoder": "perf.sparse_decoder", "compile": "perf.compile",
+                "grad_accum": "perf.grad_accum", "stream": "stream"}
 
 def resolve_config(args, default_preset: str | None = None):
     "Preset or config file, then flags, then `--set` overrides, into one validated `RunConfig`."
@@ -64,28 +70,42 @@ def resolve_config(args, default_preset: str | None = None):
     for flag, field in _FLAG_FIELDS.items():
         v = getattr(args, flag, None)
         if v is not None: sets.append(f"{field}={json.dumps(v.split(',') if flag == 'hookpoints' else v)}")
-    if getattr(args, "device", None): sets += [f"extract.device={json.dumps(args.device)}", f"train.device={json.dumps(args.device)}"]
+    if getattr(args, "device", None):
+        sets += [f"{s}.device={json.dumps(args.device)}" for s in ("extract", "train") + (("tsp",) if cfg.tsp else ())]
+    if getattr(args, "stages", None): sets.append(f"stages={args.stages}")
     return apply_overrides(cfg, sets + list(args.set))
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ghosttrack", description="Activations, sparse autoencoders and feature tracks for transformers.")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="the whole pipeline from a preset (default: the offline demo)")
+    p = sub.add_parser("run", help="the whole pipeline from a preset (default: the offline demo), stage notebooks chained with papermill",
+                       description="Run the stages of a preset in order (`ghosttrack presets` lists them), each as its notebook "
+                                   "executed with papermill and kept in <run>/notebooks/; a report.html and report.md end the run.")
     _common(p); _extract_flags(p); _train_flags(p)
+    p.add_argument("--stages", help="comma-separated stages to run instead of the preset's (corpus, tsp, extract, train, "
+                                    "evaluate, clt, interpret, attribute, track, report)")
+    p.add_argument("--resume", action="store_true", help="skip the stages this run folder records as finished")
+    p.add_argument("--no-notebooks", action="store_true", help="run the stages as plain Python, without Jupyter kernels")
+    p.add_argument("--stream", action="store_true", default=None, help="the train stage reads the model's forward pass directly (no store)")
     p = sub.add_parser("extract", help="extract activations into the sharded store")
     _common(p); _extract_flags(p)
     p = sub.add_parser("train", help="train one SAE per extracted hookpoint")
     _common(p); _train_flags(p)
     p = sub.add_parser("extract-and-train", help="extract then train (the original extract_and_train.py)")
     _common(p); _extract_flags(p); _train_flags(p)
+    p.add_argument("--stream", action="store_true", default=None, help="train straight from the forward pass, no store on disk")
     p.add_argument("--extract-only", action="store_true", help="stop after extraction")
     p.add_argument("--train-only", action="store_true", help="train on an existing store")
     sub.add_parser("presets", help="list the named presets")
+    from ghosttrack.attribution_cli import add_attribute_commands
+    from ghosttrack.bench import add_bench_commands
     from ghosttrack.clt_cli import add_clt_commands
     from ghosttrack.interpret_cli import add_interpret_commands
     from ghosttrack.tracking_cli import add_track_commands
     from ghosttrack.tsp_train import add_tsp_commands
     add_clt_commands(sub)
+    add_attribute_commands(sub)
+    add_bench_commands(sub)
     add_interpret_commands(sub)
     add_track_commands(sub)
     add_tsp_commands(sub)
@@ -101,14 +121,23 @@ def main(argv=None) -> int:
     try:
         if args.command == "presets":
             import json
-            for name, p in PRESETS.items(): print(f"{name}: {json.dumps(p)}")
+            from ghosttrack.config import get_preset
+            for name, p in PRESETS.items(): print(f"{name}: {json.dumps(p | {'stages': get_preset(name).stages})}")
             return 0
         if hasattr(args, "func"): return args.func(args)
         cfg = resolve_config(args, "demo" if args.command == "run" else None)
+        if args.command == "run":
+            from ghosttrack.runner import run_stages, run_summary
+            run_stages(cfg, resume=args.resume, overwrite=args.overwrite, notebooks=not args.no_notebooks, progress=not args.quiet)
+            print(run_summary(cfg.run_path))
+            return 0
         if args.command == "extract-and-train" and args.extract_only and args.train_only:
             raise ConfigError("--extract-only and --train-only exclude each other")
-        extract = args.command in ("run", "extract") or (args.command == "extract-and-train" and not args.train_only)
-        train = args.command in ("run", "train") or (args.command == "extract-and-train" and not args.extract_only)
+        extract = args.command == "extract" or (args.command == "extract-and-train" and not args.train_only)
+        train = args.command == "train" or (args.command == "extract-and-train" and not args.extract_only)
+        if train:   # under torchrun: join the process group; every rank trains its slice, rank 0 writes
+            from ghosttrack.train import init_distributed
+            init_distributed()
         res = run_pipeline(cfg, extract=extract, train=train, overwrite=args.overwrite, progress=not args.quiet,
                            save_dir=getattr(args, "save_dir", None))
         print(summary_table(res))

@@ -9,13 +9,13 @@ import logging
 from pathlib import Path
 
 from .clt import CLTConfig, NORMALIZATIONS, PairedDataset, collect_pairs, fit_linear_baseline, load_clt, parse_layer_pairs, train_clt
-from .clt_eval import clt_spliced_lm_metrics, evaluate_clt, inspect_pairs, plot_clt
+from .clt_eval import clt_policy_drift, clt_spliced_lm_metrics, evaluate_clt, inspect_pairs, plot_clt
 from .io import save_json
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'add_clt_commands', 'train_clt_command', 'inspect_pairs_command']
+__all__ = ['log', 'add_clt_commands', 'fit_clt', 'clt_line', 'train_clt_command', 'inspect_pairs_command']
 
 # %% ../nbs/40c_clt_cli.ipynb #fc47421e
 def _ints(s): return [int(v) for v in str(s).split(",") if v]
@@ -64,11 +64,37 @@ def _point_name(point: dict, many: bool) -> str:
     k = f"k{point['k']}" if "k" in point else f"kr{point['k_ratio']:g}"
     return f"x{point['expansion_factor']}_{k}"
 
+def fit_clt(cfg, root, pair, ccfg: CLTConfig, out, ckpt, overwrite: bool = False, progress: bool = True, model=None,
+            held_out=None, coords=None) -> dict:
+    """Train (or reuse) one transcoder for `pair`, evaluate it against the least-squares baseline, splice it into the
+    language model on `held_out` token rows or into the TSP policy on `coords`, write `eval.json` and the plots.
+    Returns its row of the summary table."""
+    s = train_clt(root, pair.name, ccfg, cfg.train, out, ckpt, overwrite=overwrite, progress=progress)
+    clt = load_clt(out, device=cfg.train.device)
+    data = lambda split: PairedDataset.for_pair(root, pair.name, 4096, split, val_fraction=cfg.train.val_fraction, verify=False)
+    m = evaluate_clt(clt, data("val"), fit_linear_baseline(data("train")))
+    if held_out is not None: m["lm"] = clt_spliced_lm_metrics(model, clt, held_out, batch_size=cfg.extract.batch_size) | {"eval_rows": len(held_out)}
+    if coords is not None: m["policy"] = clt_policy_drift(model, clt, coords)
+    save_json(m, Path(out) / "eval.json")
+    plot_clt(clt, m, out)
+    return {"pair": pair.name, "folder": str(out), "d_sae": clt.cfg.d_sae, "k": clt.cfg.k, "r2": m["r2"],
+            "baseline_r2": m["baseline_r2"], "l0": m["l0"], "dead_fraction": m["dead_fraction"], "train_seconds": s["train_seconds"],
+            **({"kl_div": m["lm"]["kl_div"], "ce_clean": m["lm"]["ce_clean"], "ce_spliced": m["lm"]["ce_spliced"]} if "lm" in m else {}),
+            **({"rel_delta_length": m["policy"]["rel_delta_length"]} if "policy" in m else {})}
+
+def clt_line(row: dict) -> str:
+    "One line of a transcoder's results."
+    lm = f", CE {row['ce_clean']:.3f} → {row['ce_spliced']:.3f} (KL {row['kl_div']:.4f})" if "kl_div" in row else ""
+    tsp = f", tour length {row['rel_delta_length']:+.2%} spliced" if "rel_delta_length" in row else ""
+    sub = row.get("grid_point", "-")
+    return (f"{row['pair']}{'' if sub == '-' else ' ' + sub}: R² {row['r2']:.4f} (linear {row['baseline_r2']:.4f}), "
+            f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.1%}{lm}{tsp}")
+
 def train_clt_command(args) -> int:
     "Handler of `ghosttrack train-clt`."
     from ghosttrack.cli import resolve_config
     from ghosttrack.models import load_model
-    from ghosttrack.pipeline import activations_dir, token_source
+    from ghosttrack.pipeline import activations_dir, held_out_rows, token_source
     cfg = resolve_config(args)
     ex, root, progress = cfg.extract, activations_dir(cfg), not args.quiet
     model, tok = load_model(ex.model, device=ex.device)
@@ -76,8 +102,7 @@ def train_clt_command(args) -> int:
     src = token_source(cfg, tok)
     collect_pairs(model, src, pairs, root, ex.num_tokens, ex.batch_size, ex.shard_tokens, ex.dtype, ex.device,
                   overwrite=args.overwrite, progress=progress, skip_first=0 if ex.keep_bos else None)
-    used_rows = -(-ex.num_tokens // (cfg.corpus.context_len - (0 if ex.keep_bos else 1)))
-    held_out = next(iter(src.batches(args.clt_eval_rows, skip_rows=used_rows)), None) if args.clt_eval_rows else None
+    held_out = held_out_rows(cfg, src, args.clt_eval_rows)
     grid, table = _grid(args), []
     extra = {"l1_coefficient": args.clt_l1} if args.clt_l1 is not None else {}
     for pair in pairs:
@@ -85,21 +110,9 @@ def train_clt_command(args) -> int:
             sub = _point_name(point, len(grid) > 1)
             out, ckpt = cfg.run_path / "clts" / pair.name / sub, cfg.run_path / "checkpoints" / pair.name / sub
             ccfg = CLTConfig(architecture=args.clt_arch, normalize=args.clt_normalize, skip=args.clt_skip, **point, **extra)
-            s = train_clt(root, pair.name, ccfg, cfg.train, out, ckpt, overwrite=args.overwrite, progress=progress)
-            clt = load_clt(out, device=cfg.train.device)
-            m = evaluate_clt(clt, PairedDataset.for_pair(root, pair.name, 4096, "val", val_fraction=cfg.train.val_fraction, verify=False),
-                             fit_linear_baseline(PairedDataset.for_pair(root, pair.name, 4096, val_fraction=cfg.train.val_fraction, verify=False)))
-            if held_out is not None: m["lm"] = clt_spliced_lm_metrics(model, clt, held_out, batch_size=ex.batch_size) | {"eval_rows": len(held_out)}
-            save_json(m, out / "eval.json")
-            plot_clt(clt, m, out)
-            row = {"pair": pair.name, "grid_point": sub or "-", "folder": str(out), "d_sae": clt.cfg.d_sae, "k": clt.cfg.k,
-                   "r2": m["r2"], "baseline_r2": m["baseline_r2"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
-                   "train_seconds": s["train_seconds"], **({"kl_div": m["lm"]["kl_div"], "ce_clean": m["lm"]["ce_clean"],
-                                                             "ce_spliced": m["lm"]["ce_spliced"]} if "lm" in m else {})}
+            row = {"grid_point": sub or "-"} | fit_clt(cfg, root, pair, ccfg, out, ckpt, args.overwrite, progress, model, held_out)
             table.append(row)
-            lm = f", CE {row['ce_clean']:.3f} → {row['ce_spliced']:.3f} (KL {row['kl_div']:.4f})" if "kl_div" in row else ""
-            print(f"{pair.name} {sub or ''}: R² {m['r2']:.4f} (linear {m['baseline_r2']:.4f}), L0 {m['l0']:.1f}, "
-                  f"dead {m['dead_fraction']:.1%}{lm}".replace(" :", ":"))
+            print(clt_line(row))
     save_json(table, cfg.run_path / "clts" / "grid.json")
     print(f"transcoders in {cfg.run_path / 'clts'}")
     return 0

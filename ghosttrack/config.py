@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 # %% auto #0
-__all__ = ['DTYPES', 'ARCHITECTURES', 'PRESETS', 'ConfigError', 'CorpusConfig', 'parse_layers', 'ExtractConfig', 'SAEConfig',
-           'TrainConfig', 'RunConfig', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config', 'get_preset',
-           'apply_overrides']
+__all__ = ['DTYPES', 'ARCHITECTURES', 'STAGE_NAMES', 'PRESETS', 'ConfigError', 'CorpusConfig', 'parse_layers', 'ExtractConfig',
+           'SAEConfig', 'TrainConfig', 'CLTRunConfig', 'TrackConfig', 'AttributeConfig', 'PerfConfig', 'RunConfig',
+           'config_to_dict', 'config_from_dict', 'save_config', 'load_config', 'get_preset', 'apply_overrides']
 
 # %% ../nbs/00_config.ipynb #42f8bafb
 class ConfigError(ValueError):
@@ -192,6 +192,88 @@ class TrainConfig:
         _check(self.log_every > 0, "log_every", self.log_every, "a positive integer")
         _choice("wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
 
+# %% ../nbs/00_config.ipynb #106ceae2
+STAGE_NAMES = ("corpus", "tsp", "extract", "train", "evaluate", "clt", "interpret", "attribute", "track", "report")
+
+@dataclass
+class CLTRunConfig:
+    "The cross-layer transcoders a run trains (stage `clt`)."
+    pairs: str = ""
+    "source:target layer pairs such as `0:2` (saved as `clts/clt_L0_to_L2`); empty: none"
+    architecture: str = "topk"
+    "`relu`, `topk`, `batchtopk` or `jumprelu`"
+    expansion_factor: int = 4
+    "features per source dimension"
+    k: int = 32
+    "active features per row (topk / batchtopk)"
+    normalize: str = "none"
+    "`none`, `center`, `unit_norm` or `standardize` (see `CLTConfig.normalize`)"
+    skip: bool = False
+    "add a learned affine skip path (a skip transcoder)"
+
+    def __post_init__(self):
+        _choice("clt.architecture", self.architecture, ARCHITECTURES)
+        _check(self.expansion_factor > 0, "clt.expansion_factor", self.expansion_factor, "a positive integer")
+        _check(self.k > 0, "clt.k", self.k, "a positive integer")
+
+@dataclass
+class TrackConfig:
+    "How the tracking stage scores TruthfulQA answers."
+    questions: str = ""
+    "TruthfulQA CSV (empty: the copy in `shared/data` when present, else the Hugging Face Hub)"
+    max_questions: int = 0
+    "questions to use, split by question (0: all 817)"
+    top_k: int = 16
+    "features per layer and position that the tracker follows"
+    threshold: float = 0.5
+    "association score a feature needs to continue a track"
+    method: str = "hungarian"
+    "`hungarian` (one-to-one) or `greedy` matching between layers"
+
+    def __post_init__(self):
+        _check(self.max_questions >= 0, "track.max_questions", self.max_questions, "an integer >= 0")
+        _check(self.top_k > 0, "track.top_k", self.top_k, "a positive integer")
+        _choice("track.method", self.method, ("hungarian", "greedy"))
+
+# %% ../nbs/00_config.ipynb #3cc3daa8
+@dataclass
+class AttributeConfig:
+    "Which inputs the attribution stage explains, and how its graphs are pruned."
+    prompts: list = field(default_factory=lambda: ["Return the absolute value of a number."])
+    "prompts to explain (language-model runs); one graph each in `graphs/`"
+    instances: list = field(default_factory=lambda: [0])
+    "indices of seeded test instances to explain (TSP runs)"
+    node_threshold: float = 0.8
+    "keep the nodes carrying this share of the influence on the outputs"
+    edge_threshold: float = 0.98
+    "keep the edges carrying this share of the influence"
+
+    def __post_init__(self):
+        _check(0 < self.node_threshold <= 1, "attribute.node_threshold", self.node_threshold, "a number in (0, 1]")
+        _check(0 < self.edge_threshold <= 1, "attribute.edge_threshold", self.edge_threshold, "a number in (0, 1]")
+
+# %% ../nbs/00_config.ipynb #94b043e2
+@dataclass
+class PerfConfig:
+    "How fast a dictionary is trained; none of these change what it learns beyond float rounding."
+    autocast: str = "none"
+    "`none`, `bf16` or `fp16`: matmuls in half precision, float32 master weights"
+    tf32: bool = True
+    "allow TF32 tensor-core matmuls on CUDA (no effect on CPU)"
+    compile: bool = False
+    "`torch.compile` the forward"
+    sparse_decoder: bool = False
+    "TopK only: decode from the `k` active rows instead of a dense matmul"
+    grad_accum: int = 1
+    "split each batch into this many micro-batches (same gradient, less memory)"
+    prefetch: int = 2
+    "batches read ahead on a background thread (0: none)"
+
+    def __post_init__(self):
+        _choice("perf.autocast", self.autocast, ("none", "bf16", "fp16"))
+        _check(self.grad_accum >= 1, "perf.grad_accum", self.grad_accum, "a positive integer")
+        _check(self.prefetch >= 0, "perf.prefetch", self.prefetch, "an integer >= 0")
+
 # %% ../nbs/00_config.ipynb #5cff1660
 @dataclass
 class RunConfig:
@@ -208,9 +290,24 @@ class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    clt: CLTRunConfig = field(default_factory=CLTRunConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    attribute: AttributeConfig = field(default_factory=AttributeConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    stream: bool = False
+    "train the SAEs straight from the model's forward pass (no activation store on disk; no resume mid-training)"
+    tsp: dict = field(default_factory=dict)
+    "TSP policy options (fields of `TSPTrainConfig`); non-empty: the model is a TSP policy trained by the `tsp` stage"
+    stages: list = field(default_factory=lambda: ["extract", "train", "evaluate", "report"])
+    "what `ghosttrack run` does, in order (from `corpus`, `tsp`, `extract`, `train`, `evaluate`, `clt`, `interpret`, `attribute`, `track`, `report`)"
 
     def __post_init__(self):
-        _check(self.eval_rows >= 0, "eval_rows", self.eval_rows, "an integer >= 0")
+        _check(self.eval_rows >= 0, "eval_rows", self.eval_rows, "an integer >= 0 (held-out token rows, or TSP test instances)")
+        if isinstance(self.stages, str): self.stages = [s.strip() for s in self.stages.split(",") if s.strip()]
+        for s in self.stages: _choice("stages", s, STAGE_NAMES)
+        if self.tsp:
+            from ghosttrack.tsp_train import TSPTrainConfig   # checks the keys and values now, not at the tsp stage
+            config_from_dict(TSPTrainConfig, self.tsp, "RunConfig.tsp")
 
     @property
     def run_path(self) -> Path: return Path(self.run_dir or Path("runs") / self.name)
@@ -234,7 +331,9 @@ def config_from_dict(cls, d: dict, _where: str = ""):
     return cls(**kw)
 
 _nested = {("RunConfig", "corpus"): CorpusConfig, ("RunConfig", "extract"): ExtractConfig,
-           ("RunConfig", "sae"): SAEConfig, ("RunConfig", "train"): TrainConfig}
+           ("RunConfig", "sae"): SAEConfig, ("RunConfig", "train"): TrainConfig,
+           ("RunConfig", "clt"): CLTRunConfig, ("RunConfig", "track"): TrackConfig,
+           ("RunConfig", "attribute"): AttributeConfig, ("RunConfig", "perf"): PerfConfig}
 
 def save_config(cfg, path):
     "Write `cfg` as JSON (`.json`) or YAML (`.yaml`/`.yml`), atomically."
@@ -262,19 +361,48 @@ def load_config(path, cls=None):
     return config_from_dict(cls or RunConfig, d)
 
 # %% ../nbs/00_config.ipynb #dc311d3c
+_DEMO = dict(corpus=dict(source="stdlib", context_len=128),
+             extract=dict(model="smollm2-135m", layers="3,9,15", num_tokens=49_152, batch_size=8, shard_tokens=8192),
+             sae=dict(architecture="topk", expansion_factor=8, k=32),
+             train=dict(lr=1e-3, batch_size=512, num_epochs=6, dead_window_tokens=100_000, checkpoint_every=50),
+             perf=dict(sparse_decoder=True))
+
 PRESETS = {
-    "demo": dict(name="demo",
-                 corpus=dict(source="stdlib", context_len=128),
-                 extract=dict(model="smollm2-135m", layers="3,9,15", num_tokens=49_152, batch_size=8, shard_tokens=8192),
-                 sae=dict(architecture="topk", expansion_factor=8, k=32),
-                 train=dict(lr=1e-3, batch_size=512, num_epochs=6, dead_window_tokens=100_000, checkpoint_every=50)),
+    "tiny": dict(name="tiny", eval_rows=4,
+                 corpus=dict(source="stdlib", context_len=64),
+                 extract=dict(model="smollm2-135m", layers="1,2", num_tokens=2048, batch_size=8, shard_tokens=1024),
+                 sae=dict(architecture="topk", expansion_factor=2, k=8),
+                 train=dict(lr=2e-3, batch_size=256, num_epochs=2, dead_window_tokens=4096, checkpoint_every=20,
+                            wandb_mode="disabled"),
+                 clt=dict(pairs="1:2", expansion_factor=2, k=8),
+                 track=dict(max_questions=12)),
+    "demo": dict(name="demo", **_DEMO),
     "gpt2-small": dict(name="gpt2-small",
                        corpus=dict(source="wikipedia", context_len=128),
                        extract=dict(model="gpt2", layers="all", num_tokens=10_000_000, batch_size=64,
                                     shard_tokens=262_144, dtype="float16", device="cuda"),
                        sae=dict(architecture="topk", expansion_factor=32, k=64),
                        train=dict(lr=2e-4, batch_size=4096, num_epochs=1, dead_window_tokens=10_000_000,
-                                  checkpoint_every=500, device="cuda")),
+                                  checkpoint_every=500, device="cuda"),
+                       stages=["extract", "train", "evaluate", "interpret", "report"]),
+    "tsp20": dict(name="tsp20", eval_rows=500,
+                  tsp=dict(n=20, epochs=12, epoch_size=10_240, batch_size=256, lr=1e-3, lr_decay=0.9,
+                           baseline_eval_size=2000, val_size=200),
+                  extract=dict(model="tsp-policy", layers="all", num_tokens=100_000, batch_size=256, shard_tokens=20_000),
+                  sae=dict(architecture="topk", expansion_factor=8, k=16),
+                  train=dict(lr=1e-3, batch_size=512, num_epochs=4, dead_window_tokens=50_000, checkpoint_every=50),
+                  clt=dict(pairs="0:2", expansion_factor=8, k=16),
+                  stages=["tsp", "extract", "train", "clt", "evaluate", "attribute", "report"]),
+    "tsp-tiny": dict(name="tsp-tiny", eval_rows=32,
+                     tsp=dict(n=10, d_model=32, n_layers=2, n_heads=4, d_ff=64, epochs=3, epoch_size=1024, batch_size=128,
+                              lr=2e-3, baseline_eval_size=256, val_size=32, log_every=4, wandb_mode="disabled"),
+                     extract=dict(model="tsp-policy", layers="all", num_tokens=2000, batch_size=64, shard_tokens=1000),
+                     sae=dict(architecture="topk", expansion_factor=2, k=4),
+                     train=dict(lr=3e-3, batch_size=128, num_epochs=2, dead_window_tokens=2000, checkpoint_every=20,
+                                wandb_mode="disabled"),
+                     clt=dict(pairs="0:1", expansion_factor=2, k=4),
+                     stages=["tsp", "extract", "train", "clt", "evaluate", "attribute", "report"]),
+    "truthfulqa": dict(name="truthfulqa", **_DEMO, stages=["extract", "train", "evaluate", "track", "report"]),
 }
 
 def get_preset(name: str) -> RunConfig:
@@ -296,6 +424,6 @@ def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
         for p in path:
             if not isinstance(node.get(p), dict): raise ConfigError(f"override {o!r}: {p!r} is not a config section")
             node = node[p]
-        if last not in node: raise ConfigError(f"override {o!r}: unknown field {last!r}; allowed: {sorted(node)}")
+        if last not in node and path != ["tsp"]: raise ConfigError(f"override {o!r}: unknown field {last!r}; allowed: {sorted(node)}")
         node[last] = val
     return config_from_dict(RunConfig, d)

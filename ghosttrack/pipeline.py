@@ -11,14 +11,16 @@ import os
 import time
 from pathlib import Path
 
+from .activations import hook_dirname
 from .config import RunConfig, config_to_dict, parse_layers, save_config
 from .io import load_json
 
 log = logging.getLogger("ghosttrack")
 
 # %% auto #0
-__all__ = ['log', 'activations_dir', 'saes_dir', 'token_source', 'run_extract', 'stores_in', 'run_train', 'run_lm_eval',
-           'run_pipeline', 'summary_table']
+__all__ = ['log', 'activations_dir', 'saes_dir', 'token_source', 'policy_dir', 'load_run_model', 'tsp_instances', 'run_source',
+           'held_out_rows', 'run_extract', 'layer_of', 'stores_in', 'run_train', 'run_lm_eval', 'run_pipeline',
+           'summary_table']
 
 # %% ../nbs/90_pipeline.ipynb #d57b253d
 def activations_dir(cfg: RunConfig) -> Path:
@@ -41,15 +43,46 @@ def token_source(cfg: RunConfig, tokenizer):
     from ghosttrack.corpus import TokenSource, make_corpus
     return TokenSource(make_corpus(cfg.corpus, cache_dir=cfg.run_path / "corpus_cache"), tokenizer, cfg.corpus.context_len)
 
+def policy_dir(cfg: RunConfig) -> Path:
+    "Where a TSP run keeps its policy (`<run>/policy`)."
+    return cfg.run_path / "policy"
+
+def load_run_model(cfg: RunConfig):
+    "`(model, tokenizer)` of the run: the language model of `extract.model`, or the TSP policy (tokenizer `None`)."
+    if cfg.tsp:
+        from ghosttrack.tsp import load_policy
+        return load_policy(policy_dir(cfg), device=cfg.extract.device), None
+    from ghosttrack.models import load_model
+    return load_model(cfg.extract.model, device=cfg.extract.device)
+
+def tsp_instances(cfg: RunConfig, purpose: str):
+    """Seeded TSP instances for `purpose`: `extract` (enough for `extract.num_tokens` rows, one per node) or `test`
+    (`eval_rows` instances). Their seeds differ from every seed the policy was trained on."""
+    from ghosttrack.tsp import TSPInstances
+    from ghosttrack.tsp_train import TSPTrainConfig, derive_seed
+    from ghosttrack.config import config_from_dict
+    t = config_from_dict(TSPTrainConfig, cfg.tsp)
+    count = -(-cfg.extract.num_tokens // t.n) if purpose == "extract" else cfg.eval_rows
+    return TSPInstances(t.n, derive_seed(t.seed, purpose), count)
+
+def run_source(cfg: RunConfig, tokenizer):
+    "What the run feeds its model: token rows of the corpus, or TSP instances."
+    return tsp_instances(cfg, "extract") if cfg.tsp else token_source(cfg, tokenizer)
+
+def held_out_rows(cfg: RunConfig, source, n: int):
+    "`n` token rows that come after the rows used for extraction (None when the corpus has none left)."
+    used_rows = -(-cfg.extract.num_tokens // (cfg.corpus.context_len - (0 if cfg.extract.keep_bos else 1)))
+    return next(iter(source.batches(n, skip_rows=used_rows)), None) if n else None
+
 def run_extract(cfg: RunConfig, overwrite: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict:
     "Stage 1: load the model and corpus, extract every requested hookpoint in one pass. Returns stats per hookpoint."
-    from ghosttrack.activations import extract_activations, hook_dirname
-    from ghosttrack.models import layer_hookpoints, load_model
+    from ghosttrack.activations import extract_activations
+    from ghosttrack.models import layer_hookpoints
     ex, root = cfg.extract, activations_dir(cfg)
-    if model is None: model, tokenizer = load_model(ex.model, device=ex.device)
+    if model is None: model, tokenizer = load_run_model(cfg)
     hps = (layer_hookpoints(model, ex.layers) if ex.layers not in ("", None, []) else []) + list(ex.hookpoints)
     if not hps: raise ValueError("nothing to extract: give --layers or --hookpoints")
-    source = token_source(cfg, tokenizer)
+    source = run_source(cfg, tokenizer)
     before = {h: _stored_rows(root / hook_dirname(h)) for h in hps}
     t0 = time.time()
     folders = extract_activations(model, source, hps, root, ex.num_tokens, ex.batch_size, ex.shard_tokens, ex.dtype,
@@ -58,6 +91,12 @@ def run_extract(cfg: RunConfig, overwrite: bool = False, progress: bool = True, 
     new = max(_stored_rows(f) - (0 if overwrite else before[h]) for h, f in folders.items())
     return {h: {"folder": str(f), "rows": _stored_rows(f), "new_rows": new, "seconds": seconds,
                 "tokens_per_second": new / seconds if new else None} for h, f in folders.items()}
+
+def layer_of(hookpoint: str):
+    "The layer index of a residual-stream hookpoint (`blocks.3.hook_resid_post`, `encoder_layer_3`), else None."
+    import re
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post|encoder_layer_(\d+)", hookpoint)
+    return int(m.group(1) or m.group(2)) if m else None
 
 def stores_in(root, layers=None, hookpoints=()) -> dict:
     "Finished stores under `root`, filtered to the given layers (residual hookpoints) and/or hookpoint names."
@@ -71,39 +110,36 @@ def stores_in(root, layers=None, hookpoints=()) -> dict:
         m = load_json(mf)
         if not m.get("complete"): continue
         hp = m["hookpoint"]
-        layer = int(hp.split(".")[1]) if hp.startswith("blocks.") and hp.endswith("hook_resid_post") else None
+        layer = layer_of(hp)
         if (want_layers is None and layer is not None) or (want_layers and layer in want_layers) or hp in hookpoints:
             out[hp] = mf.parent
     if want_layers:
-        missing = sorted(set(want_layers) - {int(h.split(".")[1]) for h in out if h.startswith("blocks.")})
+        missing = sorted(set(want_layers) - {layer_of(h) for h in out})
         if missing: raise FileNotFoundError(f"no finished activation store for layers {missing} under {root}; extract them first")
     if not out: raise FileNotFoundError(f"no finished activation stores under {root} match the requested layers/hookpoints")
     return out
 
 def run_train(cfg: RunConfig, overwrite: bool = False, progress: bool = True, save_dir=None) -> dict:
     "Stage 2: train one SAE per finished store. Returns the summary per hookpoint."
-    from ghosttrack.activations import hook_dirname
     from ghosttrack.train import train_sae
     stores = stores_in(activations_dir(cfg), cfg.extract.layers, cfg.extract.hookpoints)
     out = {}
     for hp, folder in stores.items():
         name = hook_dirname(hp)
         out[hp] = train_sae(folder, cfg.sae, cfg.train, saes_dir(cfg, save_dir) / name, cfg.run_path / "checkpoints" / name,
-                            overwrite=overwrite, progress=progress)
+                            overwrite=overwrite, progress=progress, perf=cfg.perf)
     return out
 
 def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None) -> dict:
     """Stage 3: next-token loss with each SAE spliced in, on `cfg.eval_rows` token rows that come after the rows
     used for extraction (held out). Writes `saes/<hookpoint>/lm_eval.json`; returns the metrics per hookpoint."""
-    from ghosttrack.activations import hook_dirname
     from ghosttrack.evaluate import spliced_lm_metrics
     from ghosttrack.io import save_json
     from ghosttrack.models import model_name
     from ghosttrack.sae import load_sae
-    used_rows = -(-cfg.extract.num_tokens // (cfg.corpus.context_len - (0 if cfg.extract.keep_bos else 1)))
-    rows = next(iter(token_source(cfg, tokenizer).batches(cfg.eval_rows, skip_rows=used_rows)), None)
+    rows = held_out_rows(cfg, token_source(cfg, tokenizer), cfg.eval_rows)
     if rows is None:
-        log.warning("no held-out text left after the %d rows used for extraction; skipping the spliced-LM evaluation", used_rows)
+        log.warning("no held-out text left after the rows used for extraction; skipping the spliced-LM evaluation")
         return {}
     out = {}
     for hp in trained:
@@ -130,14 +166,19 @@ def run_pipeline(cfg: RunConfig, extract: bool = True, train: bool = True, overw
     """Extract, train, and measure the LM loss with each SAE spliced in, writing the resolved config into the run
     folder. Returns `{'extract': …, 'train': …, 'lm_eval': …}`. Pass `model`/`tokenizer` to use an already loaded
     model instead of `cfg.extract.model`."""
-    from ghosttrack.models import load_model
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     resolved = dataclasses.replace(cfg, cache_dir=str(activations_dir(cfg).resolve()))
     cfg_file = cfg.run_path / "config.json"
     if not cfg_file.exists(): save_config(resolved, cfg_file)   # describes an unfinished run too
     res = {}
+    if cfg.stream and extract and train:   # one pass: the forward feeds the trainers, nothing is stored
+        from ghosttrack.stream import stream_train
+        if model is None: model, tokenizer = load_run_model(cfg)
+        res["train"] = stream_train(cfg, model, tokenizer, overwrite, progress, save_dir)
+        extract = train = False
+        if cfg.eval_rows and tokenizer is not None: res["lm_eval"] = run_lm_eval(cfg, res["train"], model, tokenizer, save_dir)
     if extract:
-        if model is None: model, tokenizer = load_model(cfg.extract.model, device=cfg.extract.device)
+        if model is None: model, tokenizer = load_run_model(cfg)
         res["extract"] = run_extract(cfg, overwrite, progress, model, tokenizer)
     if train:
         res["train"] = run_train(cfg, overwrite, progress, save_dir)

@@ -165,18 +165,20 @@ def _new_policy(cfg: TSPTrainConfig) -> AttentionPolicy:
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         return AttentionPolicy(**cfg.policy_kwargs()).to(cfg.device)
 
-def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool):
-    finished = (run_dir / "summary.json").exists()
-    check_overwrite(run_dir, finished, overwrite, "TSP policy run")
+def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool) -> bool:
+    "Prepare `run_dir`; True when it holds a finished run with the same settings (to reuse)."
     if overwrite and run_dir.exists(): remove_tree(run_dir)
     if (run_dir / "config.json").exists():
         free = ("device", "wandb_mode")   # where it runs and how it logs may change; what it trains may not
         saved = {k: v for k, v in load_json(run_dir / "config.json").items() if k not in free}
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in free and saved.get(k) != v}
         if diff:
-            raise ConfigError(f"{run_dir} holds an unfinished run with another config ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                              "rerun with the same settings to resume it, or pass --overwrite / another --run-dir to start over")
+            state = "a finished" if (run_dir / "summary.json").exists() else "an unfinished"
+            raise ConfigError(f"{run_dir} holds {state} run with another config ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                              "rerun with the same settings to resume or reuse it, or pass --overwrite / another --run-dir to start over")
+        if (run_dir / "summary.json").exists(): return True
     save_json(asdict(cfg), run_dir / "config.json")
+    return False
 
 # %% ../nbs/80b_tsp_train.ipynb #bc9c163d
 def _step(cfg, policy, baseline, optimizer, x, generator) -> dict:
@@ -202,7 +204,9 @@ def _t_test(cfg, candidate: np.ndarray, baseline: np.ndarray) -> tuple:
 def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: Optional[bool] = None) -> dict:
     "Train (or resume) a TSP policy in `run_dir`; returns the summary. `progress=None` shows bars on a terminal."
     run_dir = Path(run_dir)
-    _open_run(cfg, run_dir, overwrite)
+    if _open_run(cfg, run_dir, overwrite):
+        log.info("%s: finished with the same settings; reusing it (--overwrite retrains)", run_dir)
+        return load_json(run_dir / "summary.json")
     ref_coords, ref_lengths, ref_method = _reference(cfg, run_dir, progress)
     policy = _new_policy(cfg)
     baseline = copy.deepcopy(policy).eval()
@@ -281,8 +285,9 @@ def gap_table(lengths: dict) -> list:
 
 def format_gap_table(rows: list) -> str:
     "The gap table as aligned text."
-    lines = [f"{'method':<22}{'mean length':>12}{'gap':>10}"]
-    lines += [f"{r['method']:<22}{r['mean_length']:>12.4f}{r['gap']:>10.2%}" for r in rows]
+    w = max(22, *(len(r["method"]) + 2 for r in rows))
+    lines = [f"{'method':<{w}}{'mean length':>12}{'gap':>10}"]
+    lines += [f"{r['method']:<{w}}{r['mean_length']:>12.4f}{r['gap']:>10.2%}" for r in rows]
     return "\n".join(lines + [f"(gap vs {rows[0]['reference']})"])
 
 # %% ../nbs/80b_tsp_train.ipynb #e198f0ef

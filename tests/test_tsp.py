@@ -175,7 +175,10 @@ def test_cli_train_and_eval(tiny_run, tmp_path, capsys):
     assert args.func(args) == 0
     assert load_json(tmp_path / "r" / "config.json")["n"] == 8
     assert "TSP-8" in capsys.readouterr().out
-    with pytest.raises(FileExistsError, match="--overwrite"): args.func(args)
+    assert args.func(args) == 0                              # the same command again reuses the finished policy
+    other = parser.parse_args(["tsp-train", "--n", "8", "--run-dir", str(tmp_path / "r"), "--preset", "tiny", "--epochs", "2",
+                               "--epoch-size", "128", "--val-size", "8", "--quiet"])
+    with pytest.raises(ValueError, match="--overwrite"): other.func(other)
 
     xy = np.random.default_rng(0).random((12, 10, 2))
     np.save(tmp_path / "inst.npy", xy)

