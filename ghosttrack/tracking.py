@@ -212,7 +212,7 @@ def track_statistics(res: TrackResult) -> dict:
     acts = torch.tensor([t.features[last][1] for t in alive]) if alive else torch.zeros(0)
     p = acts / acts.sum() if acts.numel() and acts.sum() > 0 else acts
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum()) if p.numel() else 0.0
-    late_from = res.layers[max(1, math.ceil(2 * L / 3))] if L > 1 else math.inf
+    late_from = res.layers[min(L - 1, max(1, math.ceil(2 * L / 3)))] if L > 1 else math.inf   # the last third (2 layers: the last)
     winner, first_top = _leader(res, last), _leader(res, first)
     leads = sum(_leader(res, l) is winner for l in res.layers) if winner else 0
     return {"n_tracks": float(len(res.tracks)), "n_competing": float(len(alive)), "entropy": entropy,
