@@ -4,6 +4,7 @@ Markdown cells are copied, code cells become ```python blocks followed by their 
 `#| hide` are left out and `#|` directive lines are dropped. CI runs this and fails if README.md changes.
 """
 import json
+import re
 from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
@@ -13,10 +14,15 @@ def directives(src: str) -> list:
     return [l[3:].strip() for l in src.splitlines() if l.startswith("#|")]
 
 
+def repoint(md: str) -> str:
+    "Links between notebooks (`30_sae.ipynb`) are relative to nbs/; the README sits one level up."
+    return re.sub(r"\]\((?![a-z]+:|/|#)([^)]+\.ipynb)", r"](nbs/\1", md)
+
+
 def cell_text(cell) -> str:
     src = "".join(cell["source"])
     if cell["cell_type"] == "markdown":
-        return src.strip()
+        return repoint(src.strip())
     if "hide" in directives(src) or "eval: false" in directives(src) and "echo: false" in directives(src):
         return ""
     code = "\n".join(l for l in src.splitlines() if not l.startswith("#|")).strip()
