@@ -35,13 +35,15 @@ def _source(cell) -> str:
     return cell.source if isinstance(cell.source, str) else "".join(cell.source)
 
 def stage_part(nb):
-    "The cells `ghosttrack run` executes: the title, the `parameters` cell and the one after it, and the *Run* section."
+    "The cells `ghosttrack run` executes: the title, the `parameters` cell through the `stage_job` cell, and the *Run* section."
     cells = nb.cells
     tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
     run = [i for i, c in enumerate(cells) if c.cell_type == "markdown" and _source(c).lstrip().startswith("## Run")]
     if len(tagged) != 1 or not run:
         raise ValueError("a stage notebook needs exactly one cell tagged `parameters` and a markdown cell starting with `## Run`")
-    keep = [0, tagged[0], tagged[0] + 1] + list(range(run[-1], len(cells)))
+    job = next((i for i in range(tagged[0], len(cells)) if "stage_job(" in _source(cells[i])), None)
+    if job is None: raise ValueError("a stage notebook needs a `job = stage_job(...)` cell after its `parameters` cell")
+    keep = [0] + list(range(tagged[0], job + 1)) + list(range(run[-1], len(cells)))
     nb.cells = [cells[i] for i in sorted(set(keep))]
     return nb
 

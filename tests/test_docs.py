@@ -81,3 +81,22 @@ def test_quarto_and_workflow_configs():
     assert any("nbdev_docs" in s.get("run", "") for s in steps)
     settings = (ROOT / "settings.ini").read_text()
     assert re.search(r"^custom_sidebar = True$", settings, re.M), "sidebar.yml is hand-written; nbdev must not replace it"
+
+
+def _directives(src):
+    return {l[3:].strip().replace(" ", "") for l in src.splitlines() if l.startswith("#|")}
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: str(p.relative_to(NBS)))
+def test_docs_build_runs_no_demo_code(nb):
+    """`nbdev_docs` executes every exported cell and every cell that imports something (to render `show_doc`);
+    a demo cell that also imports would run there without the cells before it. Imports get cells of their own."""
+    import ast
+    for i, cell in enumerate(cells(nb)):
+        src = source(cell)
+        if cell["cell_type"] != "code" or _directives(src) & {"export", "exporti", "exports", "eval:false"}:
+            continue
+        tree = ast.parse("\n".join(l for l in src.splitlines() if not l.startswith(("#|", "%"))))
+        if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)):
+            assert all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body), \
+                f"{nb.name} cell {i} mixes imports with other code; move the imports into a cell of their own:\n{src[:300]}"

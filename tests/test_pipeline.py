@@ -76,8 +76,8 @@ def test_extraction_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path
 
 def test_training_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path):
     store_run = tmp_path / "store"
-    ghosttrack(*extract_args(tiny_model_dir, wikitext, store_run, 40000))
-    train = ["train", "--layers", "1", "--epochs", "6", "--set", "train.checkpoint_every=20", "--quiet", *TRAIN]
+    ghosttrack(*extract_args(tiny_model_dir, wikitext, store_run, 24000))
+    train = ["train", "--layers", "1", "--epochs", "3", "--set", "train.checkpoint_every=20", "--quiet", *TRAIN]
     ghosttrack(*train, "--run-dir", tmp_path / "a", "--cache-dir", store_run / "activations")
     state = tmp_path / "b" / "checkpoints" / LAYERS[1] / "latest" / "state.json"
     killed = kill_when([*train, "--run-dir", tmp_path / "b", "--cache-dir", store_run / "activations"],
@@ -92,10 +92,16 @@ def test_training_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path):
     assert steps(tmp_path / "a") == steps(tmp_path / "b")
 
 
-def one_clear_line(r, *fragments):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("ghosttrack")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+def one_clear_line(*args):
+    "Run `ghosttrack *args` in this process (no interpreter start per case) and check for exit 2 with one error line."
+    *argv, fragments = args
+    import contextlib, io
+    from ghosttrack.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err): code = main(list(map(str, argv)))
+    assert code == 2, (code, err.getvalue())
+    lines = [l for l in err.getvalue().strip().splitlines() if l.startswith("ghosttrack")]
+    assert len(lines) == 1 and "Traceback" not in err.getvalue(), err.getvalue()
     for f in fragments:
         assert f in lines[0], (f, lines[0])
 
@@ -106,25 +112,24 @@ def test_bad_inputs_get_clear_errors_and_keep_artifacts(tiny_model_dir, wikitext
                "--num-tokens", 6000, "--context-len", 64, "--epochs", 1, "--run-dir", run, "--quiet", *TRAIN)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")}
     base = ["extract-and-train", "--model", tiny_model_dir, "--corpus", f"text:{wikitext}", "--run-dir", run, "--quiet"]
-    one_clear_line(ghosttrack(*base, "--layers", "7", check=False), "layers=[7]", "has 3 layers (0–2)")
-    one_clear_line(ghosttrack(*base, "--layers", "x", check=False), "comma-separated")
-    one_clear_line(ghosttrack(*base[:4], "text:/no/such/file.txt", "--run-dir", run, "--layers", "0", check=False), "/no/such/file.txt")
-    one_clear_line(ghosttrack(*base, "--model", "./missing-model", "--layers", "0", check=False), "does not exist")
-    one_clear_line(ghosttrack(*base, "--layers", "0", "--num-tokens", 6000, "--context-len", 64, "--arch", "topk", "--k", "500",
-                              "--expansion-factor", "1", check=False), "k=500")
+    one_clear_line(*base, "--layers", "7", ("layers=[7]", "has 3 layers (0–2)",))
+    one_clear_line(*base, "--layers", "x", ("comma-separated",))
+    one_clear_line(*base[:4], "text:/no/such/file.txt", "--run-dir", run, "--layers", "0", ("/no/such/file.txt",))
+    one_clear_line(*base, "--model", "./missing-model", "--layers", "0", ("does not exist",))
+    one_clear_line(*base, "--layers", "0", "--num-tokens", 6000, "--context-len", 64, "--arch", "topk", "--k", "500",
+                              "--expansion-factor", "1", ("k=500",))
     bad_cfg = tmp_path / "bad.json"
     bad_cfg.write_text(json.dumps({"sae": {"expansion_facter": 4}}))
-    one_clear_line(ghosttrack(*base, "--config", bad_cfg, check=False), "expansion_facter")
+    one_clear_line(*base, "--config", bad_cfg, ("expansion_facter",))
     # a finished store / SAE made with other settings is refused, not overwritten
-    one_clear_line(ghosttrack(*base, "--layers", "0", "--num-tokens", 7000, "--context-len", 64, check=False), "--overwrite")
-    one_clear_line(ghosttrack("train", "--run-dir", run, "--layers", "0", "--k", "4", "--quiet", check=False), "--overwrite")
+    one_clear_line(*base, "--layers", "0", "--num-tokens", 7000, "--context-len", 64, ("--overwrite",))
+    one_clear_line("train", "--run-dir", run, "--layers", "0", "--k", "4", "--quiet", ("--overwrite",))
     after = {p: p.read_bytes() for p in before}
     assert after == before
     # a corrupt shard is named
     shard = run / "activations" / LAYERS[0] / "shard-00000.safetensors"
     shard.write_bytes(b"\0" * 100)
-    one_clear_line(ghosttrack("train", "--run-dir", tmp_path / "other", "--cache-dir", run / "activations", "--layers", "0", check=False),
-                   "shard-00000.safetensors", "sha256")
+    one_clear_line("train", "--run-dir", tmp_path / "other", "--cache-dir", run / "activations", "--layers", "0", ("shard-00000.safetensors", "sha256",))
     # --overwrite really rebuilds
     r = ghosttrack(*base, "--layers", "0", "--num-tokens", 7000, "--context-len", 64, "--epochs", 1, "--overwrite", *TRAIN)
     assert load_json(run / "activations" / LAYERS[0] / "manifest.json")["num_tokens"] == 7000

@@ -30,8 +30,8 @@ def injected(nb_path) -> dict:
 @needs_demo_model
 def test_demo_preset_runs_offline_through_the_notebooks(tmp_path):
     run = tmp_path / "demo"
-    r = ghosttrack("run", "--preset", "demo", "--run-dir", run, "--set", "extract.num_tokens=3072",
-                   "--set", "train.num_epochs=1", "--set", "eval_rows=4", "--quiet", env={**QUIET, "HF_HUB_OFFLINE": "1"})
+    small = ["--set", "extract.num_tokens=2048", "--set", "train.num_epochs=1", "--set", "eval_rows=2", "--set", "sae.expansion_factor=2"]
+    r = ghosttrack("run", "--preset", "demo", "--run-dir", run, *small, "--quiet", env={**QUIET, "HF_HUB_OFFLINE": "1"})
     assert "CE rec" in r.stdout and "report:" in r.stdout
     chain = load_json(run / "run.json")
     assert list(chain) == ["extract", "train", "evaluate", "report"]
@@ -39,15 +39,14 @@ def test_demo_preset_runs_offline_through_the_notebooks(tmp_path):
     for s in chain.values():
         assert (run / s["notebook"]).exists()
     params = injected(run / chain["train"]["notebook"])     # the preset's value, overridden by --set, reached the notebook
-    assert json.loads(params["config"])["extract"]["num_tokens"] == 3072 and params["prerequisites"] is False
-    assert load_json(run / "activations" / "blocks.9.hook_resid_post" / "manifest.json")["num_tokens"] == 3072
+    assert json.loads(params["config"])["extract"]["num_tokens"] == 2048 and params["prerequisites"] is False
+    assert load_json(run / "activations" / "blocks.9.hook_resid_post" / "manifest.json")["num_tokens"] == 2048
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "blocks.15.hook_resid_post" in html
     md = (run / "report.md").read_text()
     assert "## Sparse autoencoders" in md and md.count("| blocks.") == 3
 
-    again = ghosttrack("run", "--preset", "demo", "--run-dir", run, "--set", "extract.num_tokens=3072",
-                       "--set", "train.num_epochs=1", "--set", "eval_rows=4", "--resume", "--quiet", env=QUIET)
+    again = ghosttrack("run", "--preset", "demo", "--run-dir", run, *small, "--resume", "--quiet", env=QUIET)
     assert [s["status"] for s in load_json(run / "run.json").values()] == ["skipped"] * 4
     assert "CE rec" in again.stdout                          # the summary still comes from the stage records
 
