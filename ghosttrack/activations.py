@@ -44,7 +44,7 @@ class StoreWriter:
         self.manifest = load_json(mpath) if mpath.exists() else {**header, "shards": [], "num_tokens": 0, "complete": False}
         for stray in self.folder.glob(".*.tmp"): stray.unlink()
         self.buf, self.ids = [], []
-        self.pool, self.pending, self.next_shard = ThreadPoolExecutor(1, thread_name_prefix="store"), [], len(self.manifest["shards"])
+        self.pool, self.pending, self.failed = ThreadPoolExecutor(1, thread_name_prefix="store"), [], None
 
     @property
     def rows_done(self) -> int: return sum(s["rows"] for s in self.manifest["shards"])
@@ -56,7 +56,6 @@ class StoreWriter:
             if n + s["rows"] > rows: (self.folder / s["file"]).unlink(missing_ok=True)
             else: keep.append(s); n += s["rows"]
         self.manifest["shards"] = keep
-        self.next_shard = len(keep)
         self._save_manifest()
 
     def add(self, acts_ND: torch.Tensor, ids_N: torch.Tensor | None = None):
@@ -69,23 +68,39 @@ class StoreWriter:
         ids = torch.cat(self.ids) if self.ids else None
         self.buf = [acts[n:]] if len(acts) > n else []
         self.ids = [ids[n:]] if ids is not None and len(ids) > n else []
-        name = f"shard-{self.next_shard:05d}.safetensors"
-        self.next_shard += 1
         while len(self.pending) >= self.max_pending: self.pending.pop(0).result()   # re-raises a failed write
-        self.pending.append(self.pool.submit(self._write, name, acts[:n].clone(), None if ids is None else ids[:n].clone()))
+        self.pending.append(self.pool.submit(self._write, acts[:n], None if ids is None else ids[:n]))
 
-    def _write(self, name: str, acts: torch.Tensor, ids):
-        "One shard: its running sums, the file (atomic), then its line in the manifest — in shard order."
-        a64 = acts.double()
-        t = {"activations": acts, "sum": a64.sum(0), "sum_sq": (a64 ** 2).sum(0), "norm_sum": a64.norm(dim=-1).sum().reshape(1)}
-        if ids is not None: t["token_ids"] = ids.to(torch.int32)
-        sha = save_tensors(t, self.folder / name)
-        self.manifest["shards"].append({"file": name, "rows": len(acts), "sha256": sha})
-        self._save_manifest()
+    def _write(self, acts: torch.Tensor, ids, chunk: int = 8192):
+        """One shard: its running sums (float64, a chunk of rows at a time), the file (atomic), then its line in the
+        manifest. Shards are written in order; after a failed write nothing more is, so the store never has a gap."""
+        if self.failed: raise RuntimeError(f"{self.folder}: an earlier shard could not be written ({self.failed})")
+        try:
+            s, s2, ns = 0.0, 0.0, 0.0
+            for c in acts.split(chunk):
+                c64 = c.double()
+                s, s2, ns = s + c64.sum(0), s2 + (c64 ** 2).sum(0), ns + c64.norm(dim=-1).sum()
+            t = {"activations": acts, "sum": s, "sum_sq": s2, "norm_sum": ns.reshape(1)}
+            if ids is not None: t["token_ids"] = ids.to(torch.int32)
+            name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+            sha = save_tensors(t, self.folder / name)
+            self.manifest["shards"].append({"file": name, "rows": len(acts), "sha256": sha})
+            self._save_manifest()
+        except BaseException as e:
+            self.failed = repr(e)
+            raise
 
-    def wait(self):
-        "Block until every submitted shard is on disk (re-raising a failed write)."
-        while self.pending: self.pending.pop(0).result()
+    def wait(self, raise_errors: bool = True):
+        "Block until every submitted shard is on disk (or failed); re-raise a failed write unless told not to."
+        while self.pending:
+            f = self.pending.pop(0)
+            if raise_errors: f.result()
+            else: f.exception()
+
+    def abort(self):
+        "After an error elsewhere: let the queued shards finish (a finished shard is kept for resume), then stop."
+        self.wait(raise_errors=False)
+        self.pool.shutdown()
 
     def _save_manifest(self):
         self.manifest["num_tokens"] = self.rows_done
@@ -163,6 +178,18 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
         if w.rows_done > done: w.truncate(done)
     stored_dtype = _dtype(dtype)
     bar = tqdm(total=num_tokens, initial=done, unit="tok", unit_scale=True, desc="extract", disable=not progress or None, smoothing=0.1)
+    try: pos = _extract_loop(model, source, writers, batch_size, skip_first, tokens_in, done, num_tokens, stored_dtype, device,
+                             stop_early, bar)
+    except BaseException:
+        for w in writers.values(): w.abort()
+        raise
+    bar.close()
+    if pos < num_tokens: log.warning("the input ran out after %d of %d requested tokens; the store holds %d rows", pos, num_tokens, pos)
+    for w in writers.values(): w.close()
+    return folders
+
+def _extract_loop(model, source, writers, batch_size, skip_first, tokens_in, done, num_tokens, stored_dtype, device, stop_early, bar) -> int:
+    "The forward passes of `extract_activations`; returns the input position reached."
     pos, t0, new = 0, time.time(), 0
     for batch in source.batches(batch_size):
         rows_in_batch = batch.shape[0] * (batch.shape[1] - skip_first if batch.ndim >= 2 else 1)
@@ -178,10 +205,7 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
         bar.update(take - skip)
         bar.set_postfix(tok_s=f"{new / max(time.time() - t0, 1e-9):,.0f}")
         if pos >= num_tokens: break
-    bar.close()
-    if pos < num_tokens: log.warning("the input ran out after %d of %d requested tokens; the store holds %d rows", pos, num_tokens, pos)
-    for w in writers.values(): w.close()
-    return folders
+    return pos
 
 # %% ../nbs/20_activations.ipynb #9692e2bc
 class RandomTokens:

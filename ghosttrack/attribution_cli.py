@@ -195,8 +195,7 @@ def add_attribute_commands(subparsers) -> None:
     p.add_argument("--max-outputs", type=int, default=10, help="at most this many output nodes (default 10)")
     p.add_argument("--batch-size", type=int, default=64, help="targets per backward pass (default 64)")
     p.add_argument("--static", action="store_true", help="also write each CLT's weight-based strong-edges summary")
-    p.add_argument("--device", help="cpu, cuda, mps")
     p.add_argument("--overwrite", action="store_true", help="replace a finished graph of the same slug")
-    p.add_argument("--quiet", action="store_true", help="no info messages")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    from ghosttrack.cli import _common
+    _common(p, run=False)   # --device, --quiet, --debug as on every command
     p.set_defaults(func=attribute_command)

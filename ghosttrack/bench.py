@@ -21,6 +21,7 @@ import torch
 
 import ghosttrack
 from .config import SAEConfig, TrainConfig
+from .io import save_json
 
 # %% auto #0
 __all__ = ['PRESETS', 'PEERS', 'SAELENS_SCRIPT', 'SPARSIFY_SCRIPT', 'BenchConfig', 'peer_python', 'run_peer', 'TensorBatches',
@@ -334,7 +335,7 @@ def run_bench(bc: BenchConfig, out_dir, peers=("saelens", "sparsify"), log=print
         res["stream_vs_disk"] = bench_stream_vs_disk(model, source, hps, bc.stream_tokens, bc, tmp / "svd")
     log("scaling")
     res["scaling"] = bench_scaling(bc)
-    (out_dir / "bench.json").write_text(json.dumps(res, indent=2))
+    save_json(res, out_dir / "bench.json")
     return res
 
 def format_report(res: dict) -> str:

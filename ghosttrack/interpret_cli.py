@@ -22,17 +22,18 @@ def run_saes(cfg, layers=None) -> dict:
     "`{hookpoint: folder}` of the finished SAEs of a run, filtered to `layers` (residual hookpoints)."
     from ghosttrack.config import parse_layers
     from ghosttrack.io import load_json
-    from ghosttrack.pipeline import saes_dir
+    from ghosttrack.pipeline import layer_of, saes_dir
     root = saes_dir(cfg)
     found = {}
     for cfg_file in sorted(root.glob("*/cfg.json")):
         hp = (load_json(cfg_file).get("metadata") or {}).get("hook_name") or cfg_file.parent.name
         found[hp] = cfg_file.parent
     if not found: raise FileNotFoundError(f"no trained SAEs under {root}; run `ghosttrack train --run-dir {cfg.run_path}` first")
-    want = parse_layers(layers) if layers not in (None, "") else None
+    found = dict(sorted(found.items(), key=lambda kv: (layer_of(kv[0]) if layer_of(kv[0]) is not None else 10**9, kv[0])))
+    want = parse_layers(layers) if layers not in (None, "", []) else None
     if want is None: return found
-    out = {hp: f for hp, f in found.items() if hp.startswith("blocks.") and int(hp.split(".")[1]) in want}
-    missing = sorted(set(want) - {int(hp.split(".")[1]) for hp in out})
+    out = {hp: f for hp, f in found.items() if layer_of(hp) in want}
+    missing = sorted(set(want) - {layer_of(hp) for hp in out})
     if missing: raise FileNotFoundError(f"no trained SAE for layers {missing} under {root}; it holds {', '.join(found)}")
     return out
 

@@ -29,16 +29,18 @@ def gather_run(run_dir) -> dict:
     "Everything the report shows, read from the run folder."
     run = Path(run_dir)
     if not (run / "config.json").exists(): raise FileNotFoundError(f"{run} is not a run folder (no config.json)")
-    saes = {}
-    for f in sorted(run.glob("saes/*/summary.json")):
-        saes[f.parent.name] = {"summary": load_json(f), "lm": _load(f.parent / "lm_eval.json"), "folder": f.parent}
+    from ghosttrack.pipeline import layer_of
+    saes = {f.parent.name: {"summary": load_json(f), "lm": _load(f.parent / "lm_eval.json"), "folder": f.parent}
+            for f in run.glob("saes/*/summary.json")}
+    layer = lambda name: layer_of(saes[name]["summary"].get("hookpoint", name))
+    saes = {n: saes[n] for n in sorted(saes, key=lambda n: (layer(n) if layer(n) is not None else 10**9, n))}
     clts = {f.parent.name: {"eval": load_json(f), "cfg": _load(f.parent / "cfg.json"), "folder": f.parent}
             for f in sorted(run.glob("clts/*/eval.json"))}
     return {"run": run, "config": load_json(run / "config.json"), "chain": _load(run / "run.json") or {},
             "stages": {f.stem: load_json(f) for f in sorted((run / "stages").glob("*.json"))}, "saes": saes, "clts": clts,
             "tsp": _load(run / "tsp_eval.json"), "tracking": _load(run / "tracking" / "auroc.json"),
             "dashboards": sorted(run.glob("interpret/*/dashboard.html")), "graphs": sorted(run.glob("graphs/*.html")),
-            "notebooks": sorted(run.glob("notebooks/*.ipynb"))}
+            "notebooks": sorted(p for p in run.glob("notebooks/*.ipynb") if not p.name.startswith("."))}
 
 # %% ../nbs/90d_report.ipynb #df74aec2
 def _speed(stage: str, result) -> str:
@@ -62,7 +64,7 @@ def stage_rows(g: dict) -> list:
 
 def _mark(key: str, value) -> str:
     if value is None: return "–"
-    return "✅" if TARGETS[key][1](value) else "❌"
+    return "pass" if TARGETS[key][1](value) else "miss"
 
 def sae_rows(g: dict) -> list:
     "One row per SAE: metrics, the LM loss with it spliced in, and a pass/fail mark per target."

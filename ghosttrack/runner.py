@@ -78,12 +78,13 @@ def run_stages(cfg: RunConfig, stages=None, resume: bool = False, overwrite: boo
     for s in stages:
         if s not in STAGES: raise ValueError(f"stage {s!r}: expected one of {', '.join(STAGES)}")
     cfg.run_path.mkdir(parents=True, exist_ok=True)
-    run_file, records = cfg.run_path / "run.json", {}
+    run_file = cfg.run_path / "run.json"
     before = load_json(run_file) if run_file.exists() else {}
+    records = {s: r for s, r in before.items() if s not in stages}   # what earlier runs did of other stages stays listed
     for s in stages:
         t0 = time.time()
         if resume and stage_record(cfg.run_path, s) and before.get(s, {}).get("status") != "failed":
-            records[s] = {"status": "skipped", "reason": "finished in an earlier run (--resume)"}
+            records[s] = {**before.get(s, {}), "status": "done", "resumed": "skipped: finished in an earlier run"}
             log.info("%s: finished earlier, skipped (--resume)", s)
             save_json(records, run_file)
             continue

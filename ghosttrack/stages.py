@@ -17,8 +17,8 @@ from typing import Callable
 from .activations import hook_dirname
 from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, get_preset, save_config
 from .io import load_json, save_json
-from .pipeline import (activations_dir, held_out_rows, layer_of, load_run_model, policy_dir, run_extract,
-                                 run_lm_eval, run_train, saes_dir, stores_in, summary_table, token_source, tsp_instances)
+from .pipeline import (activations_dir, held_out_rows, load_run_model, policy_dir, run_extract, run_lm_eval,
+                                 run_source, run_train, saes_dir, token_source, tsp_instances)
 
 log = logging.getLogger("ghosttrack")
 
@@ -88,13 +88,9 @@ def train_stage(cfg: RunConfig, overwrite: bool = False, progress: bool = True) 
 
 # %% ../nbs/90b_stages.ipynb #b0b807fa
 def _trained(cfg: RunConfig) -> list:
-    "Hookpoints of the run's trained SAEs (of the requested layers/hookpoints), whether trained from a store or streamed."
-    from ghosttrack.config import parse_layers
-    want = parse_layers(cfg.extract.layers) if cfg.extract.layers not in ("", None, []) else []
-    found = [load_json(f)["hookpoint"] for f in sorted(saes_dir(cfg).glob("*/summary.json"))]
-    out = [h for h in found if (want is None and layer_of(h) is not None) or (want and layer_of(h) in want) or h in cfg.extract.hookpoints]
-    if not out: raise FileNotFoundError(f"no trained SAEs under {saes_dir(cfg)} for the run's layers/hookpoints; run the train stage first")
-    return sorted(out, key=lambda h: (layer_of(h) if layer_of(h) is not None else 10**9, h))
+    "Hookpoints of the run's trained SAEs of the requested layers, in layer order, whether trained from a store or streamed."
+    from ghosttrack.interpret_cli import run_saes
+    return list(run_saes(cfg, cfg.extract.layers))
 
 def tsp_evaluation(cfg: RunConfig, progress: bool = True) -> dict:
     "Gaps of the policy and the baselines on the test instances, and of the policy with each dictionary spliced in."
@@ -140,7 +136,7 @@ def clt_stage(cfg: RunConfig, overwrite: bool = False, progress: bool = True) ->
     ex, root, c = cfg.extract, activations_dir(cfg), cfg.clt
     model, tok = load_run_model(cfg)
     pairs = parse_layer_pairs(c.pairs, model)
-    source = tsp_instances(cfg, "extract") if cfg.tsp else token_source(cfg, tok)
+    source = run_source(cfg, tok)
     collect_pairs(model, source, pairs, root, ex.num_tokens, ex.batch_size, ex.shard_tokens, ex.dtype, ex.device,
                   overwrite=overwrite, progress=progress, skip_first=0 if ex.keep_bos else None)
     held_out = None if cfg.tsp else held_out_rows(cfg, source, cfg.eval_rows)

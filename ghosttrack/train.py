@@ -27,8 +27,8 @@ from .io import append_jsonl, load_json, load_tensors, read_jsonl, save_json, sa
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'lr_lambda', 'wandb_run', 'save_checkpoint', 'load_checkpoint', 'init_distributed', 'prefetched', 'Trainer',
-           'prepare_training', 'train_sae']
+__all__ = ['log', 'lr_lambda', 'wandb_run', 'save_checkpoint', 'load_checkpoint', 'rank0_decides', 'init_distributed',
+           'prefetched', 'Trainer', 'prepare_training', 'train_sae']
 
 # %% ../nbs/35_train.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -107,6 +107,19 @@ def load_checkpoint(folder, model, opt, sched) -> tuple[dict, dict]:
     return state, {k: v for k, v in t.items() if not k.startswith(("model.", "opt.", "rng."))}
 
 # %% ../nbs/35_train.ipynb #18270a34
+def rank0_decides(fn):
+    """`fn()` on rank 0, its result broadcast to every rank (just `fn()` without a process group). When it raises on
+    rank 0 the other ranks raise too, instead of waiting forever for the broadcast."""
+    if not (dist.is_available() and dist.is_initialized()): return fn()
+    box, err = [None], None
+    if dist.get_rank() == 0:
+        try: box = [("ok", fn())]
+        except Exception as e: err, box = e, [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, 0)
+    if err is not None: raise err
+    if box[0][0] == "error": raise RuntimeError(f"rank 0 stopped: {box[0][1]}")
+    return box[0][1]
+
 def init_distributed() -> tuple[int, int]:
     "Join the `torchrun` process group if launched by it (NCCL on GPUs, else gloo); returns `(rank, world_size)`."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
@@ -362,10 +375,7 @@ def train_sae(store_folder, sae_cfg, train_cfg: TrainConfig, out_dir, ckpt_dir, 
     settings = {"sae": config_to_dict(cfg), "train": config_to_dict(train_cfg), "store": str(Path(store_folder).resolve()),
                 "store_rows": m["num_tokens"]}
     if dataset_cls is not None: settings["order"] = dataset_cls.__name__
-    ddp = dist.is_available() and dist.is_initialized()
-    done = prepare_training(settings, out_dir, ckpt_dir, overwrite, f"SAE {m['hookpoint']}") if not ddp or dist.get_rank() == 0 else None
-    if ddp:   # rank 0 decides (reuse, refuse, start); the other ranks follow
-        box = [done]; dist.broadcast_object_list(box, 0); done = box[0]
+    done = rank0_decides(lambda: prepare_training(settings, out_dir, ckpt_dir, overwrite, f"SAE {m['hookpoint']}"))
     if done is not None: return done
     torch.manual_seed(train_cfg.seed)
     sae = make_sae(cfg)

@@ -1,5 +1,6 @@
 """The data-parallel path on CPU: two gloo processes started the way torchrun starts them (RANK, WORLD_SIZE,
-MASTER_ADDR/PORT in the environment) give the single-process gradient and train the same SAE."""
+MASTER_ADDR/PORT in the environment) give the single-process gradient and train the same SAE; an error on rank 0
+stops every rank."""
 import os
 import socket
 import subprocess
@@ -37,6 +38,10 @@ WORKER = textwrap.dedent("""
     tr.backward(batch)
     if rank == 0: save_tensors({n: p.grad.contiguous() for n, p in sae.named_parameters()}, out / "grads.safetensors")
     train_sae(store, t.SCFG, t.TCFG, out / "sae", out / "ck", progress=False, perf=PerfConfig(prefetch=0, grad_accum=2))
+    import dataclasses   # a finished SAE with other settings: rank 0 refuses, and rank 1 must stop too, not hang
+    try: train_sae(store, dataclasses.replace(t.SCFG, k=4), t.TCFG, out / "sae", out / "ck", progress=False)
+    except Exception as e: assert "--overwrite" in str(e), e
+    else: raise SystemExit("a finished SAE with other settings was not refused")
     torch.distributed.destroy_process_group()
 """)
 
