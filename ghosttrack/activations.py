@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 
 # %% auto #0
 __all__ = ['log', 'FORMAT_VERSION', 'hook_dirname', 'StoreWriter', 'store_stats', 'extract_activations', 'RandomTokens',
-           'ActivationStore', 'load_hidden_states', 'ActivationDataset', 'HiddenStateExtractor']
+           'ActivationStore', 'load_hidden_states', 'train_rows', 'ActivationDataset', 'HiddenStateExtractor']
 
 # %% ../nbs/20_activations.ipynb #d256ebca
 def hook_dirname(hookpoint: str) -> str:
@@ -263,6 +263,10 @@ def load_hidden_states(path, max_rows: int | None = None, dtype=torch.float32) -
     return x if max_rows is None else x[:max_rows]
 
 # %% ../nbs/20_activations.ipynb #fa89a2f3
+def train_rows(rows: int, val_fraction: float) -> int:
+    "Rows of a shard of `rows` that go to training: the last `val_fraction` (at least one row) is held out."
+    return rows - max(1, math.floor(rows * val_fraction)) if rows > 1 else rows
+
 class ActivationDataset:
     "Shuffled fixed-size batches from a store, with a stable train/validation split."
     def __init__(self, folder, batch_size: int, split: str = "train", val_fraction: float = 0.05, seed: int = 0,
@@ -272,7 +276,7 @@ class ActivationDataset:
         self.batch_size, self.split, self.seed, self.buffer_shards, self.dtype = batch_size, split, seed, buffer_shards, dtype
         self.ranges = []
         for rows in self.store.shard_rows:
-            cut = rows - max(1, math.floor(rows * val_fraction)) if rows > 1 else rows
+            cut = train_rows(rows, val_fraction)
             self.ranges.append((0, cut) if split == "train" else (cut, rows))
 
     @property

@@ -6,28 +6,23 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from pathlib import Path
 
 import torch
 
-from .activations import ActivationDataset, _dtype, hook_dirname
+from .activations import ActivationDataset, _dtype, hook_dirname, train_rows
 from .config import RunConfig, SAEConfig, TrainConfig, config_to_dict
 from .models import capture_activations, model_name
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'train_rows', 'stream_batches_per_epoch', 'GroupShuffler', 'SequentialActivationDataset', 'activation_chunks',
+__all__ = ['log', 'stream_batches_per_epoch', 'GroupShuffler', 'SequentialActivationDataset', 'activation_chunks',
            'stream_train_saes', 'stream_train']
 
 # %% ../nbs/37_stream.ipynb #b6851513
-def train_rows(rows: int, val_fraction: float) -> int:
-    "Rows of a shard of `rows` that go to training (the store's rule: at least one row held out)."
-    return rows - max(1, math.floor(rows * val_fraction)) if rows > 1 else rows
-
 def stream_batches_per_epoch(num_tokens: int, shard_tokens: int, val_fraction: float, batch_size: int) -> int:
     "Training batches per epoch of `num_tokens` rows cut into shards of `shard_tokens` (as `ActivationDataset` counts)."
     full, rest = divmod(num_tokens, shard_tokens)
