@@ -62,7 +62,7 @@ _FLAG_FIELDS = {"model": "extract.model", "corpus": "corpus.source", "layers": "
 def resolve_config(args, default_preset: str | None = None):
     "Preset or config file, then flags, then `--set` overrides, into one validated `RunConfig`."
     import json
-    from ghosttrack.config import RunConfig, apply_overrides, get_preset, load_config
+    from ghosttrack.config import RunConfig, apply_overrides, device_overrides, get_preset, load_config
     if args.config: cfg = load_config(args.config)
     elif args.preset or default_preset: cfg = get_preset(args.preset or default_preset)
     else: cfg = RunConfig()
@@ -71,7 +71,7 @@ def resolve_config(args, default_preset: str | None = None):
         v = getattr(args, flag, None)
         if v is not None: sets.append(f"{field}={json.dumps(v.split(',') if flag == 'hookpoints' else v)}")
     if getattr(args, "device", None):
-        sets += [f"{s}.device={json.dumps(args.device)}" for s in ("extract", "train") + (("tsp",) if cfg.tsp else ())]
+        sets += device_overrides(cfg, args.device)
     if getattr(args, "stages", None): sets.append(f"stages={args.stages}")
     return apply_overrides(cfg, sets + list(args.set))
 

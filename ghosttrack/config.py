@@ -14,7 +14,8 @@ from typing import Any, Optional
 # %% auto #0
 __all__ = ['DTYPES', 'ARCHITECTURES', 'STAGE_NAMES', 'PRESETS', 'ConfigError', 'CorpusConfig', 'parse_layers', 'ExtractConfig',
            'SAEConfig', 'TrainConfig', 'CLTRunConfig', 'TrackConfig', 'AttributeConfig', 'PerfConfig', 'RunConfig',
-           'config_to_dict', 'config_from_dict', 'save_config', 'load_config', 'get_preset', 'apply_overrides']
+           'config_to_dict', 'config_from_dict', 'save_config', 'load_config', 'get_preset', 'device_overrides',
+           'apply_overrides']
 
 # %% ../nbs/00_config.ipynb #42f8bafb
 class ConfigError(ValueError):
@@ -411,6 +412,10 @@ def get_preset(name: str) -> RunConfig:
     return config_from_dict(RunConfig, PRESETS[name])
 
 # %% ../nbs/00_config.ipynb #4ebed96d
+def device_overrides(cfg: RunConfig, device: str) -> list:
+    "The overrides that put every stage of `cfg` on `device` (`--device`, the notebooks' `device` parameter)."
+    return [f"{s}.device={json.dumps(device)}" for s in ("extract", "train") + (("tsp",) if cfg.tsp else ())]
+
 def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
     "Apply `['section.field=value', ...]` to a `RunConfig`, validating the result."
     d = config_to_dict(cfg)

@@ -19,8 +19,8 @@ log = logging.getLogger("ghosttrack")
 
 # %% auto #0
 __all__ = ['log', 'activations_dir', 'saes_dir', 'token_source', 'policy_dir', 'load_run_model', 'tsp_instances', 'run_source',
-           'held_out_rows', 'run_extract', 'layer_of', 'stores_in', 'run_train', 'run_lm_eval', 'run_pipeline',
-           'summary_table']
+           'held_out_rows', 'run_extract', 'layer_of', 'stores_in', 'run_train', 'run_lm_eval', 'open_run',
+           'run_pipeline', 'summary_table']
 
 # %% ../nbs/90_pipeline.ipynb #d57b253d
 def activations_dir(cfg: RunConfig) -> Path:
@@ -161,15 +161,20 @@ def _model_of_stores(cfg: RunConfig, trained: dict):
         log.warning("not measuring the LM loss with the SAEs spliced in: cannot load %r, the model of the activations (%s)", name, e)
         return None, None
 
+def open_run(cfg: RunConfig) -> RunConfig:
+    """Create the run folder and return the resolved config (activation root made absolute); write it as
+    `config.json` unless one is there, so an unfinished run is described too. Save it again after a success."""
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    resolved = dataclasses.replace(cfg, cache_dir=str(activations_dir(cfg).resolve()))
+    if not (cfg.run_path / "config.json").exists(): save_config(resolved, cfg.run_path / "config.json")
+    return resolved
+
 def run_pipeline(cfg: RunConfig, extract: bool = True, train: bool = True, overwrite: bool = False, progress: bool = True,
                  save_dir=None, model=None, tokenizer=None) -> dict:
     """Extract, train, and measure the LM loss with each SAE spliced in, writing the resolved config into the run
     folder. Returns `{'extract': …, 'train': …, 'lm_eval': …}`. Pass `model`/`tokenizer` to use an already loaded
     model instead of `cfg.extract.model`."""
-    cfg.run_path.mkdir(parents=True, exist_ok=True)
-    resolved = dataclasses.replace(cfg, cache_dir=str(activations_dir(cfg).resolve()))
-    cfg_file = cfg.run_path / "config.json"
-    if not cfg_file.exists(): save_config(resolved, cfg_file)   # describes an unfinished run too
+    resolved = open_run(cfg)
     res = {}
     if cfg.stream and extract and train:   # one pass: the forward feeds the trainers, nothing is stored
         from ghosttrack.stream import stream_train
@@ -185,7 +190,7 @@ def run_pipeline(cfg: RunConfig, extract: bool = True, train: bool = True, overw
         if cfg.eval_rows and res["train"]:
             if model is None: model, tokenizer = _model_of_stores(cfg, res["train"])
             if tokenizer is not None: res["lm_eval"] = run_lm_eval(cfg, res["train"], model, tokenizer, save_dir)
-    save_config(resolved, cfg_file)                              # a failed run never replaces it
+    save_config(resolved, cfg.run_path / "config.json")          # a failed run never replaces it
     return res
 
 # %% ../nbs/90_pipeline.ipynb #19ae984f

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 from .activations import hook_dirname
-from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, get_preset, save_config
+from .config import RunConfig, apply_overrides, device_overrides, config_from_dict, config_to_dict, get_preset, save_config
 from .io import load_json, save_json
-from .pipeline import (activations_dir, held_out_rows, load_run_model, policy_dir, run_extract, run_lm_eval,
+from .pipeline import (activations_dir, held_out_rows, load_run_model, open_run, policy_dir, run_extract, run_lm_eval,
                                  run_source, run_train, saes_dir, token_source, tsp_instances)
 
 log = logging.getLogger("ghosttrack")
@@ -188,12 +188,6 @@ def stage_record(run_dir, name: str):
     p = Path(run_dir) / "stages" / f"{name}.json"
     return load_json(p) if p.exists() else None
 
-def _prepare(cfg: RunConfig):
-    cfg.run_path.mkdir(parents=True, exist_ok=True)
-    resolved = dataclasses.replace(cfg, cache_dir=str(activations_dir(cfg).resolve()))
-    if not (cfg.run_path / "config.json").exists(): save_config(resolved, cfg.run_path / "config.json")
-    return resolved
-
 def run_stage(name: str, cfg: RunConfig, overwrite: bool = False, progress: bool = True, prerequisites: bool = False,
               _done=None) -> dict:
     "Run stage `name` of `cfg` (after the stages it needs when `prerequisites`), record it and return its result."
@@ -202,7 +196,7 @@ def run_stage(name: str, cfg: RunConfig, overwrite: bool = False, progress: bool
     if prerequisites:
         for need in STAGES[name].needs(cfg):
             if need not in done: run_stage(need, cfg, False, progress, True, done)
-    resolved = _prepare(cfg)
+    resolved = open_run(cfg)
     t0 = time.time()
     result = STAGES[name].fn(cfg, overwrite, progress)
     record = {"stage": name, "seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
@@ -233,7 +227,7 @@ def stage_job(preset: str = "tiny", config: str = "", run_dir: str = "", overrid
     if model: sets.append(f"extract.model={model}")
     if layers not in ("", None): sets.append(f"extract.layers={layers}")
     if num_tokens: sets.append(f"extract.num_tokens={int(num_tokens)}")
-    if device: sets += [f"extract.device={device}", f"train.device={device}"] + ([f"tsp.device={device}"] if cfg.tsp else [])
+    if device: sets += device_overrides(cfg, device)
     cfg = apply_overrides(cfg, sets)
     if run_dir or not cfg.run_dir: cfg = dataclasses.replace(cfg, run_dir=str(run_dir or tempfile.mkdtemp(prefix=f"ghosttrack-{cfg.name}-")))
     return StageJob(cfg, overwrite, prerequisites, progress)

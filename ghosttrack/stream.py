@@ -172,11 +172,9 @@ def stream_train_saes(model, source, hookpoints, num_tokens: int, sae_cfg: SAECo
         for h in todo: ready[h].extend(shufflers[h].close())
         run(final=True)
     seconds = time.time() - t0
-    for h in todo:
-        s = trainers[h].finish() | {"stream_seconds": seconds, "stream_tokens_per_second": streamed / max(seconds, 1e-9)}
-        from ghosttrack.io import save_json
-        save_json(s, out_root / hook_dirname(h) / "summary.json")
-        done[h] = s
+    for h in todo:   # the stream's own speed goes into the summary the trainer writes
+        trainers[h].meta.update(stream_seconds=seconds, stream_tokens_per_second=streamed / max(seconds, 1e-9))
+        done[h] = trainers[h].finish()
     return {h: done[h] for h in hookpoints}
 
 # %% ../nbs/37_stream.ipynb #83ceb515
