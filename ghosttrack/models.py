@@ -136,9 +136,10 @@ def num_layers(model: nn.Module) -> int:
     return len(model.get_submodule(fam.blocks))
 
 def model_name(model: nn.Module) -> str:
-    "A short name for messages and manifests."
+    "A short name for messages and manifests: a model's own `name_or_path` (e.g. a file's hash), the HF name, or its class."
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or type(model).__name__
+    return (getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "")
+            or type(model).__name__)
 
 # %% ../nbs/15_models.ipynb #334508f7
 _TL = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|hook_mlp_in|hook_mlp_out|ln1\.hook_normalized|ln2\.hook_normalized)$")

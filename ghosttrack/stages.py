@@ -102,7 +102,7 @@ def tsp_evaluation(cfg: RunConfig, progress: bool = True) -> dict:
     from ghosttrack.tsp_train import evaluate_tsp, gap_table
     policy, _ = load_run_model(cfg)
     coords = tsp_instances(cfg, "test").tensor()
-    rows = gap_table(evaluate_tsp(policy, coords, exact=coords.shape[1] <= 50, progress=progress))
+    rows = gap_table(evaluate_tsp(policy, coords, exact=coords.shape[1] <= 50, progress=progress, multistart=True))
     ref = next(r["mean_length"] for r in rows if r["method"] == ("exact" if coords.shape[1] <= 50 else "two_opt"))
     spliced = []
     for hp in _trained(cfg):

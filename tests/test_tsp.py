@@ -176,9 +176,14 @@ def test_cli_train_and_eval(tiny_run, tmp_path, capsys):
     assert load_json(tmp_path / "r" / "config.json")["n"] == 8
     assert "TSP-8" in capsys.readouterr().out
     assert args.func(args) == 0                              # the same command again reuses the finished policy
-    other = parser.parse_args(["tsp-train", "--n", "8", "--run-dir", str(tmp_path / "r"), "--preset", "tiny", "--epochs", "2",
-                               "--epoch-size", "128", "--val-size", "8", "--quiet"])
-    with pytest.raises(ValueError, match="--overwrite"): other.func(other)
+    other = parser.parse_args(["tsp-train", "--n", "8", "--run-dir", str(tmp_path / "r"), "--preset", "tiny", "--epochs", "1",
+                               "--epoch-size", "128", "--val-size", "8", "--baseline", "pomo", "--quiet"])
+    with pytest.raises(ValueError, match="baseline: 'rollout' there, 'pomo' now.*--overwrite"): other.func(other)
+    longer = parser.parse_args(["tsp-train", "--n", "8", "--run-dir", str(tmp_path / "r"), "--preset", "tiny", "--epochs", "2",
+                                "--epoch-size", "128", "--val-size", "8", "--quiet"])
+    assert longer.func(longer) == 0                          # more epochs continue the finished run
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "r" / "history.jsonl") if r.get("kind") == "epoch"] == [0, 1]
+    assert "TSP-8" in capsys.readouterr().out
 
     xy = np.random.default_rng(0).random((12, 10, 2))
     np.save(tmp_path / "inst.npy", xy)
