@@ -144,11 +144,14 @@ class Decoder(nn.Module):
         self.project_out = nn.Linear(d_model, d_model, bias=False)
         self.first_placeholder = nn.Parameter(torch.empty(2 * d_model).uniform_(-1, 1))
 
-    def forward(self, h_BND, decode: str = "greedy", tours=None, generator=None, start=None):
-        B, N, D = h_BND.shape
-        H = self.n_heads
+    def forward(self, h_BND, decode: str = "greedy", tours=None, generator=None, start=None, copies: int = 1):
         graph_BD = self.project_graph(h_BND.mean(1))
         K_glimpse, V_glimpse, K_logit_BND = self.project_node(h_BND).chunk(3, dim=-1)
+        if copies > 1:   # decode each instance `copies` times: project once, then repeat
+            h_BND, graph_BD, K_glimpse, V_glimpse, K_logit_BND = (
+                t.repeat_interleave(copies, 0) for t in (h_BND, graph_BD, K_glimpse, V_glimpse, K_logit_BND))
+        B, N, D = h_BND.shape
+        H = self.n_heads
         K_BHNd, V_BHNd = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (K_glimpse, V_glimpse))
         rows_B = torch.arange(B, device=h_BND.device)
         visited_BN = torch.zeros(B, N, dtype=torch.bool, device=h_BND.device)
@@ -209,9 +212,8 @@ class AttentionPolicy(nn.Module):
         "One tour from every start node of every instance, [B·n] rollouts grouped by instance; encodes each instance once."
         if decode not in DECODES: raise ValueError(f"decode={decode!r}: expected one of {', '.join(map(repr, DECODES))}")
         B, N = coords_BN2.shape[:2]
-        h_BnND = self.encode(coords_BN2).repeat_interleave(N, 0)
         start = torch.arange(N, device=coords_BN2.device).repeat(B)
-        tours, log_prob, step_log_probs = self.decoder(h_BnND, decode=decode, generator=generator, start=start)
+        tours, log_prob, step_log_probs = self.decoder(self.encode(coords_BN2), decode=decode, generator=generator, start=start, copies=N)
         return TSPRollout(tours, log_prob, tour_length(coords_BN2.repeat_interleave(N, 0), tours), step_log_probs)
 
     def hookpoint_aliases(self) -> dict:
