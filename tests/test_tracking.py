@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ghosttrack.hallucination import auroc, subsample, truthfulqa_items
-from ghosttrack.tracking import HypothesisTracker, LayerFeatures, select_features, track_statistics
-from ghosttrack.tracking_cli import add_track_commands
+from ghosttrack.tracking.hallucination import auroc, subsample, truthfulqa_items
+from ghosttrack.tracking.tracker import HypothesisTracker, LayerFeatures, select_features, track_statistics
+from ghosttrack.cli.analyses import add_track_commands
 
 
 def _parser():
@@ -67,7 +67,7 @@ def test_births_and_deaths_on_a_hand_built_example():
 
 
 def test_split_has_no_leakage(shared):
-    from ghosttrack.corpus import load_truthfulqa
+    from ghosttrack.data.corpus import load_truthfulqa
     splits = load_truthfulqa(shared / "truthfulqa" / "TruthfulQA.csv", seed=3)
     for s in (splits, subsample(splits, 100, seed=3)):
         qs = {k: {e.question for e in v} for k, v in s.items()}
@@ -130,7 +130,7 @@ def test_track_truthfulqa_command(run_dir, shared, capsys):
 def test_track_uses_clt_edges_of_the_run(run_dir, tmp_path):
     "A transcoder trained with `ghosttrack train-clt` between tracked layers is used for the association."
     import shutil
-    from ghosttrack.cli import main
+    from ghosttrack.cli.main import main
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("tracking"))
     cfg = json.loads((run / "config.json").read_text())

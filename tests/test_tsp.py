@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import ghosttrack
-from ghosttrack.io import load_json, load_tensors, read_jsonl
-from ghosttrack.models import capture_activations, layer_hookpoints, patch_hookpoint
-from ghosttrack.tsp import (AttentionPolicy, TSPInstances, is_permutation, load_policy, policy_lengths, random_tours,
-                            run_with_replacement, tour_length)
-from ghosttrack.tsp_solvers import brute_force, solve_exact, tour_len
-from ghosttrack.tsp_train import TSP_PRESETS, TSPTrainConfig, add_tsp_commands, train_tsp
+from ghosttrack.core.io import load_json, load_tensors, read_jsonl
+from ghosttrack.data.models import capture_activations, layer_hookpoints, patch_hookpoint
+from ghosttrack.tsp.policy import AttentionPolicy, TSPInstances, is_permutation, load_policy, policy_lengths, random_tours, run_with_replacement, tour_length
+from ghosttrack.tsp.solvers import brute_force, solve_exact, tour_len
+from ghosttrack.tsp.train import TSP_PRESETS, train_tsp
+from ghosttrack.core.run_config import TSPTrainConfig
+from ghosttrack.cli.tsp import add_tsp_commands
 
 TINY = TSPTrainConfig(**TSP_PRESETS["tiny"])
 
@@ -137,7 +138,7 @@ def test_replacing_a_layer_changes_the_policy(tiny_run):
 
 def test_resume_after_kill_gives_the_uninterrupted_result(tiny_run, tmp_path):
     run = tmp_path / "killed"
-    script = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); from ghosttrack.tsp_train import *; "
+    script = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); from ghosttrack.tsp.train import *; from ghosttrack.core.run_config import TSPTrainConfig; "
               f"train_tsp(TSPTrainConfig(**TSP_PRESETS['tiny']), {str(run)!r}, progress=False)")
     root = str(Path(ghosttrack.__file__).resolve().parents[1])  # importable even when ghosttrack is not installed
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from ghosttrack.activations import RandomTokens, extract_activations
-from ghosttrack.config import SAEConfig, TrainConfig
-from ghosttrack.models import layer_hookpoints, tiny_gpt2
-from ghosttrack.train import train_sae
+from ghosttrack.data.store import RandomTokens, extract_activations
+from ghosttrack.core.config import SAEConfig, TrainConfig
+from ghosttrack.data.models import layer_hookpoints, tiny_gpt2
+from ghosttrack.dictionaries.trainer import train_sae
 
 import os
 dev, T, B = os.environ.get("BENCH_DEVICE", "cuda"), 128, 64

@@ -1,7 +1,7 @@
 """Build notebooks in nbs/ from percent-format drafts (developer convenience, optional).
 
-    python tools/nb.py _src/30_sae.py      # writes nbs/30_sae.ipynb
-    python tools/nb.py --to-py nbs/30_sae.ipynb   # writes _src/30_sae.py to edit
+    python tools/nb.py _src/20_dict_sae.py      # writes nbs/20_dict_sae.ipynb
+    python tools/nb.py --to-py nbs/20_dict_sae.ipynb   # writes _src/20_dict_sae.py to edit
     python tools/nb.py _src/tutorials/sae.py        # sub-folders map too: nbs/tutorials/sae.ipynb
 
 The notebooks in nbs/ are the source of truth; drafts are a way to edit them as text.

@@ -15,7 +15,7 @@ def directives(src: str) -> list:
 
 
 def repoint(md: str) -> str:
-    "Links between notebooks (`30_sae.ipynb`) are relative to nbs/; the README sits one level up."
+    "Links between notebooks (`20_dict_sae.ipynb`) are relative to nbs/; the README sits one level up."
     return re.sub(r"\]\((?![a-z]+:|/|#)([^)]+\.ipynb)", r"](nbs/\1", md)
 
 

@@ -1,0 +1,1 @@
+"""The ghosttrack command: argument parsing and printing only. Nothing imports it."""

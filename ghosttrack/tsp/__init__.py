@@ -1,0 +1,1 @@
+"""The TSP attention policy, classical solvers and REINFORCE training: a second model family. A model, like data.models, so it sits below the dictionaries that are spliced into it; imports data and core."""
