@@ -110,7 +110,10 @@ def test_bad_inputs_get_clear_errors_and_keep_artifacts(tiny_model_dir, wikitext
     run = tmp_path / "run"
     ghosttrack("extract-and-train", "--model", tiny_model_dir, "--corpus", f"text:{wikitext}", "--layers", "0",
                "--num-tokens", 6000, "--context-len", 64, "--epochs", 1, "--run-dir", run, "--quiet", *TRAIN)
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")}
+    # every artifact and the run's config.json; stages/*.json and run.json record what ran last, and a rerun that
+    # reused the store before failing records that run
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
+              and p.parent.name != "stages" and p.name != "run.json"}
     base = ["extract-and-train", "--model", tiny_model_dir, "--corpus", f"text:{wikitext}", "--run-dir", run, "--quiet"]
     one_clear_line(*base, "--layers", "7", ("layers=[7]", "has 3 layers (0–2)",))
     one_clear_line(*base, "--layers", "x", ("comma-separated",))
