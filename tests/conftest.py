@@ -42,11 +42,11 @@ def tiny_run(model_dir, run, layers, num_tokens, shard_tokens):
     "A finished run folder: the tiny GPT-2, stdlib text (32-token rows), one small TopK SAE per layer, no LM eval."
     from ghosttrack.core.config import CorpusConfig, ExtractConfig, SAEConfig, TrainConfig
     from ghosttrack.core.run_config import RunConfig
-    from ghosttrack.pipeline.run import run_pipeline
+    from ghosttrack.pipeline.runner import run_stages
     cfg = RunConfig(name="t", run_dir=str(run), eval_rows=0, corpus=CorpusConfig(source="stdlib", context_len=32),
                     extract=ExtractConfig(model=str(model_dir), layers=layers, num_tokens=num_tokens, shard_tokens=shard_tokens),
                     sae=SAEConfig(expansion_factor=2, k=8), train=TrainConfig(batch_size=128, num_epochs=1, wandb_mode="disabled"))
-    run_pipeline(cfg, progress=False)
+    run_stages(cfg, ["extract", "train"], notebooks=False, progress=False)
     return run
 
 

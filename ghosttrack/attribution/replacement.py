@@ -94,7 +94,7 @@ def as_dictionary(obj, name: str | None = None, hookpoint: str | None = None) ->
     if isinstance(obj, MultiLayerCLT): return _MultiCLT(obj, name or "clt_all")
     if isinstance(obj, CLTMixin): return _CLT(obj, name or f"clt:{obj.cfg.source}->{obj.cfg.target}")
     hp = hookpoint or (getattr(obj.cfg, "hook_name", "") or "")
-    if not hp: raise ValueError(f"an SAE needs the hookpoint it was trained on: as_dictionary(sae, hookpoint='blocks.0.hook_resid_post')")
+    if not hp: raise ValueError("an SAE needs the hookpoint it was trained on: as_dictionary(sae, hookpoint='blocks.0.hook_resid_post')")
     return _SAE(obj, name or f"sae:{hp}", hp)
 
 # %% ../../nbs/60_attribution_replacement.ipynb #f12c80a7

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 import torch
 
 from .export import draw_graph, graph_html, graph_to_json, write_edges_csv
@@ -16,6 +18,7 @@ from .graph import build_graph, describe_path, static_clt_graph, top_paths
 from .replacement import as_dictionary
 from ..core.io import load_json, check_overwrite, save_json
 from ..core.run_config import load_config
+from ..core.runfolder import find_dictionaries, load_run_config, policy_folder
 from ..data.models import load_model
 from ..data.store import hook_dirname
 from ..dictionaries.clt import load_clt
@@ -26,12 +29,37 @@ from ..tsp.policy import TSPInstances, load_policy
 from ..tsp.train import tsp_instances
 
 log = logging.getLogger(__name__)
-from ..core.runfolder import find_dictionaries
-from ..core.runfolder import policy_folder
 
+@dataclass
+class AttributeOptions:
+    "Which input `attribute` explains, with which dictionaries, and how its graph is pruned (the flags of `ghosttrack attribute`)."
+    prompt: Optional[str] = None
+    "text to explain (language-model run)"
+    instance: Optional[int] = None
+    "index of the TSP instance to explain (TSP run)"
+    seed: Optional[int] = None
+    "seed of the TSP instances (default: the run's test instances for a pipeline run, else 1234)"
+    step: int = 0
+    "TSP decoding step whose action is explained"
+    dictionaries: list[str] = field(default=None, metadata={"flags": ("--dictionary",)})
+    "SAE/CLT folder to use (repeatable; default: the run's CLTs, else its SAEs)"
+    slug: Optional[str] = None
+    "file name of the graph (default: from the prompt)"
+    node_threshold: float = 0.8
+    "share of feature influence the kept nodes carry"
+    edge_threshold: float = 0.98
+    "share of edge influence the kept edges carry"
+    output_mass: float = 0.95
+    "probability mass the output nodes cover"
+    max_outputs: int = 10
+    "at most this many output nodes"
+    batch_size: int = 64
+    "targets per backward pass"
+    static: bool = False
+    "also write each CLT's weight-based strong-edges summary"
 
 # %% auto #0
-__all__ = ['log', 'slugify', 'load_dictionary', 'attribute']
+__all__ = ['log', 'AttributeOptions', 'slugify', 'load_dictionary', 'attribute']
 
 # %% ../../nbs/63_attribution_run.ipynb #8260eae8
 def slugify(text: str, max_len: int = 48) -> str:
@@ -47,6 +75,7 @@ def load_dictionary(path, device: str = "cpu"):
     if cfg.get("kind") == "multilayer_clt": return load_multilayer_clt(path, device).eval(), None
     if cfg.get("kind") == "pairwise_clt": return load_clt(path, device).eval(), None
     return load_sae(path, device).eval(), (cfg.get("metadata") or {}).get("hook_name")
+
 
 
 # %% ../../nbs/63_attribution_run.ipynb #f19ccc1b
@@ -87,8 +116,7 @@ def _feature_labels(g, dicts, run: Path, model, decode) -> dict:
 
 # %% ../../nbs/63_attribution_run.ipynb #7ed2177e
 def _lm_input(run: Path, prompt: str, device):
-    import dataclasses
-    cfg = dataclasses.replace(load_config(run / "config.json"), run_dir=str(run))
+    cfg = load_run_config(run)
     model, tok = load_model(cfg.extract.model, device=device)
     ids = tok(prompt)["input_ids"]
     if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id): ids = [tok.bos_token_id] + ids
@@ -110,6 +138,7 @@ def _tsp_input(run: Path, instance: int, seed: int | None, device):
     if instance < 0: raise ValueError(f"--instance {instance}: expected an index >= 0")
     coords = TSPInstances(n, seed=seed, num_instances=instance + 1).tensor()[instance:instance + 1].to(device)
     return policy, coords, [f"city {i}" for i in range(n)], None, f"tsp{n}-policy", seed
+
 
 
 # %% ../../nbs/63_attribution_run.ipynb #6339f01d
@@ -151,4 +180,5 @@ def attribute(run_dir, prompt: str | None = None, instance: int | None = None, d
     return {"paths": paths, "nodes": len(d["nodes"]), "links": len(d["links"]), "nodes_before": len(g.nodes),
             "edges_before": g.pruned.stats["edges_before"], "scores": g.scores, "pruning": g.pruned.stats,
             "top_paths": paths_found, "seconds": time.perf_counter() - t0, "timings": g.meta["seconds"]}
+
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..attribution.run import attribute
-from .flags import add_run_flags
-from ..interpret.run import DEFAULT_TEXT_TOKENS, interpret_run
-from ..tracking.run import track_prompt, track_truthfulqa
+from dataclasses import asdict
 
+from ..attribution.run import AttributeOptions, attribute
+from .flags import add_command, options
+from ..interpret.run import InterpretOptions, interpret_run
+from ..tracking.run import TrackOptions, track_prompt, track_truthfulqa
 
 # %% auto #0
 __all__ = ['summary_lines', 'add_interpret_commands', 'interpret_command', 'attribute_command', 'add_attribute_commands',
@@ -32,33 +33,24 @@ def summary_lines(res: dict) -> list:
 
 def add_interpret_commands(subparsers) -> None:
     "Register `interpret` on an argparse subparsers object."
-    p = subparsers.add_parser("interpret", help="top examples, common tokens and a dashboard for every feature of a run's SAEs",
-                              description="Interpret every feature of the SAEs of a run folder in one pass over the text: writes "
-                                          "interpret/<hookpoint>/features.json and dashboard.html and prints a short summary.")
-    p.add_argument("--run-dir", required=True, help="run folder of `ghosttrack run` (config.json, saes/, activations/)")
-    p.add_argument("--layers", help="all, or layer indices such as 0,6,11 (default: every SAE of the run)")
-    p.add_argument("--texts", help="truthfulqa[:PATH] | wikipedia | stdlib | text:PATH[,PATH] (default: the run's activation store)")
-    p.add_argument("--k", type=int, default=20, help="top examples kept per feature (default 20)")
-    p.add_argument("--max-tokens", type=int, help=f"tokens to read (default: the whole store, or {DEFAULT_TEXT_TOKENS:,} of --texts)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per model forward (default 8)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the run's extract.device)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing interpretation")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=interpret_command)
+    add_command(subparsers, "interpret", interpret_command, "top examples, common tokens and a dashboard for every feature of a run's SAEs",
+                "Interpret every feature of the SAEs of a run folder in one pass over the text: writes interpret/<hookpoint>/"
+                "features.json and dashboard.html and prints a short summary.", InterpretOptions, run=False,
+                run_dir="run folder of `ghosttrack run` (config.json, saes/, activations/)", overwrite="replace an existing interpretation")
 
 def interpret_command(args) -> int:
     "Handler of `ghosttrack interpret`."
-    res = interpret_run(args.run_dir, args.layers, args.texts, args.k, args.max_tokens, args.device, args.overwrite,
-                        progress=False if args.quiet else True, batch_size=args.batch_size)
+    res = interpret_run(args.run_dir, **asdict(options(args, InterpretOptions)), device=args.device, overwrite=args.overwrite,
+                        progress=not args.quiet)
     print("\n".join(summary_lines(res)))
     return 0
+
 
 
 # %% ../../nbs/93_cli_analyses.ipynb #9c58f7d3
 def attribute_command(args) -> int:
     "Handler of `ghosttrack attribute`."
-    r = attribute(args.run_dir, args.prompt, args.instance, args.dictionary, args.slug, args.node_threshold, args.edge_threshold,
-                  args.output_mass, args.max_outputs, args.step, args.seed, args.batch_size, args.device or "cpu", args.overwrite, args.static)
+    r = attribute(args.run_dir, **asdict(options(args, AttributeOptions)), device=args.device or "cpu", overwrite=args.overwrite)
     s, p = r["scores"], r["pruning"]
     print(f"graph: {r['nodes_before']} nodes / {r['edges_before']} edges → pruned {r['nodes']} nodes / {r['links']} edges "
           f"(feature influence kept {p['feature_influence_kept']:.1%}, edge influence kept {p['edge_influence_kept']:.1%})")
@@ -69,68 +61,41 @@ def attribute_command(args) -> int:
 
 def add_attribute_commands(subparsers) -> None:
     "Register `attribute` on the `ghosttrack` subparsers."
-    p = subparsers.add_parser("attribute", help="attribution graph of one prompt (or TSP instance) with the run's dictionaries",
-                              description="Build the local replacement model of one input with the run's CLTs/SAEs, compute the exact "
-                                          "direct-effect graph, prune it by influence and write graphs/<slug>.json (circuit-tracer "
-                                          "format), .csv (edges), .png and .html.")
-    p.add_argument("--run-dir", required=True, help="run folder (a language-model run or a TSP policy run)")
-    p.add_argument("--prompt", help="text to explain (language-model run)")
-    p.add_argument("--instance", type=int, help="index of the TSP instance to explain (TSP run)")
-    p.add_argument("--seed", type=int, help="seed of the TSP instances (default: the run's test instances for a pipeline run, else 1234)")
-    p.add_argument("--step", type=int, default=0, help="TSP decoding step whose action is explained (default 0)")
-    p.add_argument("--dictionary", action="append", help="SAE/CLT folder to use (repeatable; default: the run's CLTs, else its SAEs)")
-    p.add_argument("--slug", help="file name of the graph (default: from the prompt)")
-    p.add_argument("--node-threshold", type=float, default=0.8, help="share of feature influence the kept nodes carry (default 0.8)")
-    p.add_argument("--edge-threshold", type=float, default=0.98, help="share of edge influence the kept edges carry (default 0.98)")
-    p.add_argument("--output-mass", type=float, default=0.95, help="probability mass the output nodes cover (default 0.95)")
-    p.add_argument("--max-outputs", type=int, default=10, help="at most this many output nodes (default 10)")
-    p.add_argument("--batch-size", type=int, default=64, help="targets per backward pass (default 64)")
-    p.add_argument("--static", action="store_true", help="also write each CLT's weight-based strong-edges summary")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished graph of the same slug")
-    add_run_flags(p, run=False)   # --device, --quiet, --debug as on every command
-    p.set_defaults(func=attribute_command)
+    add_command(subparsers, "attribute", attribute_command, "attribution graph of one prompt (or TSP instance) with the run's dictionaries",
+                "Build the local replacement model of one input with the run's CLTs/SAEs, compute the exact direct-effect graph, "
+                "prune it by influence and write graphs/<slug>.json (circuit-tracer format), .csv (edges), .png and .html.",
+                AttributeOptions, run=False, run_dir="run folder (a language-model run or a TSP policy run)",
+                overwrite="replace a finished graph of the same slug")
+
 
 
 # %% ../../nbs/93_cli_analyses.ipynb #34af2a0b
 def add_track_commands(subparsers) -> None:
     "Register `track` on an argparse subparsers object."
-    p = subparsers.add_parser("track", help="follow SAE features across layers as tracks; TruthfulQA hallucination detection",
-                              description="With --prompt: tracks of one prompt(+answer) to tracking/tracks.json and tracks.png. "
-                                          "With --truthfulqa: the tracker, the answer log-prob and a residual probe compared "
-                                          "on TruthfulQA, to tracking/truthfulqa_scores.csv and auroc.json.")
-    p.add_argument("--run-dir", required=True, help="run folder of `ghosttrack run` with one SAE per tracked layer")
+    p = add_command(subparsers, "track", track_command, "follow SAE features across layers as tracks; TruthfulQA hallucination detection",
+                    "With --prompt: tracks of one prompt(+answer) to tracking/tracks.json and tracks.png. With --truthfulqa: the "
+                    "tracker, the answer log-prob and a residual probe compared on TruthfulQA, to tracking/truthfulqa_scores.csv "
+                    "and auroc.json.", TrackOptions, run=False, run_dir="run folder of `ghosttrack run` with one SAE per tracked layer",
+                    overwrite="replace existing tracking outputs")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="text to track, e.g. \"Q: What is the capital of France?\\nA:\"")
     mode.add_argument("--truthfulqa", action="store_true", help="run the hallucination detection comparison")
-    p.add_argument("--answer", help="answer appended to --prompt; its tokens are tracked too")
-    p.add_argument("--truthfulqa-path", help="TruthfulQA.csv (default: shared/data, else the Hugging Face Hub)")
-    p.add_argument("--max-questions", type=int, help="questions used in all, split train/val/test 60/20/20 (default: all 817)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the question split (default 0)")
-    p.add_argument("--layers", help="layers whose SAEs are tracked, e.g. 3,9,15 (default: every SAE of the run)")
-    p.add_argument("--top-k", type=int, default=16, help="features per layer (default 16)")
-    p.add_argument("--threshold", type=float, default=0.5, help="smallest association score that continues a track (default 0.5)")
-    p.add_argument("--method", choices=("hungarian", "greedy"), default="hungarian", help="matching (default hungarian)")
-    p.add_argument("--device", help="cpu, cuda, mps (default: the run's extract.device)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing tracking outputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=track_command)
 
 def track_command(args) -> int:
     "Handler of `ghosttrack track`."
-    if args.prompt is None and args.answer is not None:
+    o = options(args, TrackOptions)
+    if args.prompt is None and o.answer is not None:
         raise ValueError("--answer goes with --prompt; TruthfulQA supplies its own answers")
+    match = dict(layers=o.layers, top_k=o.top_k, threshold=o.threshold, method=o.method, device=args.device, overwrite=args.overwrite)
     if args.truthfulqa:
-        rep = track_truthfulqa(args.run_dir, args.truthfulqa_path, args.max_questions, args.seed, args.layers, args.top_k,
-                               args.threshold, args.method, args.device, args.overwrite, progress=not args.quiet)
+        rep = track_truthfulqa(args.run_dir, o.truthfulqa_path, o.max_questions, o.seed, **match, progress=not args.quiet)
         for name in ("tracker", "logprob", "probe"):
             extra = f" (layer {rep[name]['layer']})" if name == "probe" else ""
             print(f"{name:<8} test AUROC {rep[name]['test_auroc']:.3f}  accuracy {rep[name]['test_accuracy']:.3f}{extra}")
         print(f"{sum(s['items'] for s in rep['sizes'].values())} answers in {rep['seconds']:.0f} s -> {Path(args.run_dir) / 'tracking'}")
         return 0
-    res = track_prompt(args.run_dir, args.prompt, args.answer, args.layers, args.top_k, args.threshold, args.method,
-                       args.device, args.overwrite)
+    res = track_prompt(args.run_dir, args.prompt, o.answer, **match)
     st = res["statistics"]
     print(f"{res['tracks']} tracks, {st['n_competing']:.0f} alive at the last layer (entropy {st['entropy']:.2f}), "
           f"{st['n_merges']:.0f} merges -> {res['tracks_json']}, {res['png']}")
     return 0
-

@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..pipeline.bench import PEERS, PRESETS, format_report, run_bench
-
+from .flags import add_command, options
+from ..pipeline.bench import PRESETS, BenchOptions, format_report, run_bench
 
 # %% auto #0
 __all__ = ['bench_command', 'add_bench_commands']
@@ -19,26 +19,19 @@ __all__ = ['bench_command', 'add_bench_commands']
 # %% ../../nbs/95_cli_bench.ipynb #1f64e283
 def bench_command(args) -> int:
     "Run the benchmark the flags describe, print the tables, write bench.json."
-    bc = dataclasses.replace(PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"], threads=args.threads, device=args.device)
-    peers = () if args.peers == "none" else tuple(p for p in args.peers.split(",") if p)
-    unknown = set(peers) - set(PEERS)
-    if unknown: raise ValueError(f"--peers {args.peers}: unknown {sorted(unknown)}; expected a comma list of {', '.join(PEERS)} or none")
-    res = run_bench(bc, args.out, peers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    o = options(args, BenchOptions)
+    threads = o.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
+    bc = dataclasses.replace(PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"], threads=threads, device=o.device)
+    res = run_bench(bc, o.out, o.peer_names(), log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(res))
-    print(f"\nwrote {Path(args.out) / 'bench.json'}")
+    print(f"\nwrote {Path(o.out) / 'bench.json'}")
     return 0
 
 def add_bench_commands(subparsers) -> None:
     "Register `bench` on the `ghosttrack` subparsers."
-    p = subparsers.add_parser("bench", help="training throughput and FVU side by side with SAELens and sparsify, extraction, streaming, scaling",
-                              description="Benchmark (not a test): trains TopK SAEs with ghosttrack, SAELens and sparsify on the same "
-                                          "activations and config, times extraction and streaming, measures scaling; prints tables, writes bench.json.")
+    p = add_command(subparsers, "bench", bench_command, "training throughput and FVU side by side with SAELens and sparsify, extraction, "
+                    "streaming, scaling", "Benchmark (not a test): trains TopK SAEs with ghosttrack, SAELens and sparsify on the same "
+                    "activations and config, times extraction and streaming, measures scaling; prints tables, writes bench.json.", BenchOptions)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
     size.add_argument("--smoke", action="store_true", help="seconds; only checks that everything runs")
-    p.add_argument("--out", default=".", help="folder for bench.json (default: the current folder)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch threads for every trainer (default $OMP_NUM_THREADS or 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--peers", default="saelens,sparsify", help="peers to run: a comma list of saelens,sparsify, or none")
-    p.set_defaults(func=bench_command)
-

@@ -8,83 +8,51 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .flags import add_config_flags, add_run_flags, resolve_config
-from ..core.registry import ARCHITECTURES
+from .flags import add_command, add_config_flags, options, resolve_config
 from ..core.io import save_json
 from ..core.runfolder import activations_dir
 from ..data.models import load_model
-from ..dictionaries.clt import CLTConfig, NORMALIZATIONS, PairedDataset, collect_pairs, fit_linear_baseline, load_clt, parse_layer_pairs, train_clt
-from ..dictionaries.clt_eval import clt_policy_drift, clt_spliced_lm_metrics, evaluate_clt, inspect_pairs, plot_clt
+from ..dictionaries.clt import collect_pairs, parse_layer_pairs
+from ..dictionaries.clt_eval import CLTGridOptions, clt_line, fit_clt, inspect_pairs
 from ..pipeline.run import held_out_rows, token_source
 
 log = logging.getLogger(__name__)
-from ..dictionaries.clt_eval import clt_line
-from ..dictionaries.clt_eval import fit_clt
-
 
 # %% auto #0
 __all__ = ['log', 'add_clt_commands', 'train_clt_command', 'inspect_pairs_command']
 
 # %% ../../nbs/92_cli_clt.ipynb #fc47421e
-def _ints(s): return [int(v) for v in str(s).split(",") if v]
-def _floats(s): return [float(v) for v in str(s).split(",") if v]
-
 def add_clt_commands(subparsers) -> None:
     "Register `train-clt` and `inspect-pairs` on the `ghosttrack` subparsers."
-    p = subparsers.add_parser("train-clt", help="collect paired activations and train cross-layer transcoders (a grid per pair)",
-                              description="Collect source/target activations for every --layer-pairs pair in one forward pass, then train, "
-                                          "evaluate (against the least-squares baseline) and splice in a transcoder per pair and grid point. "
-                                          "Rerunning resumes unfinished work and reuses finished artifacts.")
-    add_run_flags(p); add_config_flags(p, ["corpus", "extract"], keys=["train.lr", "train.batch_size", "train.num_epochs", "train.wandb_mode"], top=["cache_dir"])
-    p.add_argument("--layer-pairs", required=True, help="pairs SRC:TGT with layer indices or `out` (0:2,1:out), or SRC->TGT with hookpoint names")
+    p = add_command(subparsers, "train-clt", train_clt_command, "collect paired activations and train cross-layer transcoders (a grid per pair)",
+                    "Collect source/target activations for every --layer-pairs pair in one forward pass, then train, evaluate "
+                    "(against the least-squares baseline) and splice in a transcoder per pair and grid point. Rerunning resumes "
+                    "unfinished work and reuses finished artifacts.", CLTGridOptions, "transcoders (CLTGridOptions)", run=True)
+    add_config_flags(p, ["corpus", "extract"], keys=["train.lr", "train.batch_size", "train.num_epochs", "train.wandb_mode"], top=["cache_dir"])
     p.add_argument("--num-instances-per-pair", type=int, dest="extract.num_tokens", help="rows (tokens) to collect per pair; same as --num-tokens")
-    p.add_argument("--arch", dest="clt_arch", choices=list(ARCHITECTURES), default="topk", help="transcoder architecture (default topk)")
-    p.add_argument("--expansion-factor", dest="clt_expansion", type=_ints, default=[8], help="features per source dimension; a comma list makes a grid (default 8)")
-    p.add_argument("--k", dest="clt_k", type=_ints, help="active features per token (topk, batchtopk); a comma list makes a grid (default 32)")
-    p.add_argument("--k-ratio", dest="clt_k_ratio", type=_floats, help="k as a share of the features instead of --k; a comma list makes a grid")
-    p.add_argument("--l1-coefficient", dest="clt_l1", type=float, help="sparsity penalty weight (relu, jumprelu)")
-    p.add_argument("--normalize", dest="clt_normalize", choices=NORMALIZATIONS, default="unit_norm", help="source/target normalisation (default unit_norm)")
-    p.add_argument("--skip", dest="clt_skip", action="store_true", help="skip transcoder: add an affine skip started at the least-squares map")
-    p.add_argument("--eval-rows", dest="clt_eval_rows", type=int, default=16, help="held-out token rows for the spliced next-token loss (0 skips it)")
-    p.set_defaults(func=train_clt_command)
-
-    q = subparsers.add_parser("inspect-pairs", help="norms, sparsity, correlation and the linear baseline of collected pairs",
-                              description="Per collected pair: norms and sparsity of source and target, same-dimension correlation, "
-                                          "and the explained variance of a least-squares map on the validation rows (the bar a CLT must clear).")
-    q.add_argument("--run-dir", required=True, help="run folder (its activations, or --cache-dir)")
+    q = add_command(subparsers, "inspect-pairs", inspect_pairs_command, "norms, sparsity, correlation and the linear baseline of collected pairs",
+                    "Per collected pair: norms and sparsity of source and target, same-dimension correlation, and the explained "
+                    "variance of a least-squares map on the validation rows (the bar a CLT must clear).",
+                    run=False, run_dir="run folder (its activations, or --cache-dir)", device=False)
     q.add_argument("--cache-dir", help="activation root holding pairs.json (default <run>/activations)")
     q.add_argument("--pairs", help="comma-separated pair names (default: all)")
-    q.add_argument("--quiet", action="store_true", help="no info messages")
-    q.add_argument("--debug", action="store_true", help="show full tracebacks")
-    q.set_defaults(func=inspect_pairs_command)
-
-def _grid(args) -> list[dict]:
-    ks = [dict(k=k) for k in args.clt_k] if args.clt_k else [dict(k_ratio=r) for r in args.clt_k_ratio] if args.clt_k_ratio else [dict(k=32)]
-    return [dict(expansion_factor=e, **k) for e in args.clt_expansion for k in ks]
-
-def _point_name(point: dict, many: bool) -> str:
-    if not many: return ""
-    k = f"k{point['k']}" if "k" in point else f"kr{point['k_ratio']:g}"
-    return f"x{point['expansion_factor']}_{k}"
 
 def train_clt_command(args) -> int:
     "Handler of `ghosttrack train-clt`."
-    cfg = resolve_config(args)
+    cfg, o = resolve_config(args), options(args, CLTGridOptions)
     ex, root, progress = cfg.extract, activations_dir(cfg), not args.quiet
     model, tok = load_model(ex.model, device=ex.device)
-    pairs = parse_layer_pairs(args.layer_pairs, model)
+    pairs = parse_layer_pairs(o.layer_pairs, model)
     src = token_source(cfg, tok)
     collect_pairs(model, src, pairs, root, ex.num_tokens, ex.batch_size, ex.shard_tokens, ex.dtype, ex.device,
                   overwrite=args.overwrite, progress=progress, skip_first=0 if ex.keep_bos else None)
-    held_out = held_out_rows(cfg, src, args.clt_eval_rows)
-    grid, table = _grid(args), []
-    extra = {"l1_coefficient": args.clt_l1} if args.clt_l1 is not None else {}
+    held_out = held_out_rows(cfg, src, o.eval_rows)
+    table = []
     for pair in pairs:
-        for point in grid:
-            sub = _point_name(point, len(grid) > 1)
+        for point in o.grid():
+            sub = o.point_name(point)
             out, ckpt = cfg.run_path / "clts" / pair.name / sub, cfg.run_path / "checkpoints" / pair.name / sub
-            ccfg = CLTConfig(architecture=args.clt_arch, normalize=args.clt_normalize, skip=args.clt_skip, **point, **extra)
-            row = {"grid_point": sub or "-"} | fit_clt(cfg, root, pair, ccfg, out, ckpt, args.overwrite, progress, model, held_out)
+            row = {"grid_point": sub or "-"} | fit_clt(cfg, root, pair, o.clt_config(point), out, ckpt, args.overwrite, progress, model, held_out)
             table.append(row)
             print(clt_line(row))
     save_json(table, cfg.run_path / "clts" / "grid.json")
@@ -102,4 +70,5 @@ def inspect_pairs_command(args) -> int:
               f"{r['target_near_zero_frac']:.1%}{corr}, least-squares R² {r['baseline_r2']:.4f}")
     save_json(res, root / "inspect_pairs.json")
     return 0
+
 

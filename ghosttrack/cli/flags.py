@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from ..core.config import (DTYPES, CorpusConfig, ExtractConfig, PerfConfig, SAEConfig, TrainConfig, field_docs)
@@ -18,7 +18,8 @@ from ..core.run_config import (AttributeConfig, CLTRunConfig, RunConfig, TrackCo
                                         device_overrides, load_config)
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ALIASES', 'CHOICES', 'add_config_flags', 'config_sets', 'add_run_flags', 'resolve_config']
+__all__ = ['SECTIONS', 'ALIASES', 'CHOICES', 'add_config_flags', 'config_sets', 'add_run_flags', 'resolve_config', 'add_options',
+           'add_command', 'options']
 
 # %% ../../nbs/91_cli_flags.ipynb #dbfce625
 SECTIONS = {"corpus": CorpusConfig, "extract": ExtractConfig, "sae": SAEConfig, "train": TrainConfig, "perf": PerfConfig,
@@ -70,16 +71,20 @@ def config_sets(args) -> list:
     return out
 
 # %% ../../nbs/91_cli_flags.ipynb #fa5f1517
-def add_run_flags(p, run: bool = True) -> None:
-    "`--run-dir`, `--name`, `--config`, `--preset`, `--set`, `--overwrite` (with `run`), and `--device`, `--quiet`, `--debug`."
+def add_run_flags(p, run: bool = True, run_dir: str | None = None, overwrite: str | None = None, device: bool = True) -> None:
+    """`--run-dir`, `--name`, `--config`, `--preset`, `--set`, `--overwrite` (with `run`), and `--device`, `--quiet`, `--debug`.
+    A command that reads an existing run instead passes `run=False` and the help of its required `run_dir` (and of
+    `overwrite`, when it writes something it could replace)."""
     if run:
         p.add_argument("--run-dir", help="run folder (default runs/<name>); an existing run is continued from its config.json")
         p.add_argument("--name", help="run name (default: from the preset)")
         p.add_argument("--config", help="JSON/YAML file with a RunConfig (sections corpus, extract, sae, train, …)")
         p.add_argument("--preset", help="start from a named preset (`ghosttrack presets`: tiny, demo, gpt2-small, tsp20, truthfulqa …)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field")
-        p.add_argument("--overwrite", action="store_true", help="rebuild finished artifacts instead of reusing them")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps")
+        overwrite = "rebuild finished artifacts instead of reusing them"
+    elif run_dir: p.add_argument("--run-dir", required=True, help=run_dir)
+    if overwrite: p.add_argument("--overwrite", action="store_true", help=overwrite)
+    if device: p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the run's extract.device)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -96,3 +101,45 @@ def resolve_config(args, default_preset: str | None = None) -> RunConfig:
     if getattr(args, "device", None): sets += device_overrides(cfg, args.device)
     if getattr(args, "stages", None): sets.append(f"stages={args.stages}")
     return apply_overrides(cfg, sets + list(getattr(args, "set", [])))
+
+# %% ../../nbs/91_cli_flags.ipynb #b48415fb
+def _comma_list(tp):
+    def parse(s: str) -> list: return [tp(v) for v in str(s).split(",") if v]
+    parse.__name__ = f"comma list of {tp.__name__}"
+    return parse
+
+def _option_kwargs(f, tp, doc: str, defaults: bool) -> dict:
+    if typing.get_origin(tp) is typing.Union: tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    default = f.default_factory() if f.default_factory is not MISSING else None if f.default is MISSING else f.default
+    shown = f" (default {','.join(map(str, default)) if isinstance(default, list) else default})" if default not in (None, False, []) else ""
+    kw = dict(default=default if defaults else None, help=doc + shown)
+    if f.metadata.get("required"): kw |= dict(required=True)
+    if tp is bool: return kw | dict(action="store_true" if defaults and not default else argparse.BooleanOptionalAction)
+    if typing.get_origin(tp) is typing.Literal: return kw | dict(choices=typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return kw | (dict(action="append", default=None) if item is str else dict(type=_comma_list(item)))
+    return kw | dict(type=tp)
+
+def add_options(p, cls, title: str | None = None, defaults: bool = True) -> None:
+    """A flag `--field-name` for every field of the dataclass `cls`: typed by its annotation, helped by its docstring.
+    With `defaults=False` an absent flag parses as None, so that `options` can start from another base (a preset)."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    g = p.add_argument_group(title) if title else p
+    for f in fields(cls):
+        g.add_argument(f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", ()), dest=f"{cls.__name__}.{f.name}",
+                       **_option_kwargs(f, hints[f.name], docs.get(f.name, f.name), defaults))
+
+def add_command(subparsers, name: str, func, help: str, description: str, opts=None, title: str | None = None, **run_flags):
+    """Register the command `name` (handler `func`) with its help, the run flags `run_flags` (the arguments of
+    `add_run_flags`, when given) and the flags of its options dataclass `opts`; returns its parser for any extra flag."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    if run_flags: add_run_flags(p, **run_flags)
+    if opts is not None: add_options(p, opts, title)
+    p.set_defaults(func=func)
+    return p
+
+def options(args, cls, base: dict | None = None):
+    "The `cls` dataclass that `add_options(p, cls)` parsed into `args`; a flag that parsed as None keeps `base`'s value or the default."
+    given = {f.name: v for f in fields(cls) if (v := getattr(args, f"{cls.__name__}.{f.name}")) is not None}
+    return cls(**((base or {}) | given))

@@ -6,17 +6,15 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 import numpy as np
 
+from .flags import add_command, add_options, options
 from ..core.io import atomic_path, load_json
-from ..tsp.policy import POLICY_FILE, TSPInstances, load_policy
-from ..core.config import field_docs
 from ..core.run_config import TSPTrainConfig
+from ..tsp.policy import POLICY_FILE, TSPInstances, load_policy
 from ..tsp.solvers import EXACT_MAX_N
-from ..tsp.train import TSP_PRESETS, evaluate_tsp, format_gap_table, gap_table, train_tsp
-
+from ..tsp.train import TSP_PRESETS, TSPEvalOptions, evaluate_tsp, format_gap_table, gap_table, train_tsp
 
 # %% auto #0
 __all__ = ['add_tsp_commands', 'tsp_train_command', 'tsp_eval_command']
@@ -24,40 +22,23 @@ __all__ = ['add_tsp_commands', 'tsp_train_command', 'tsp_eval_command']
 # %% ../../nbs/94_cli_tsp.ipynb #7d5cf711
 def add_tsp_commands(subparsers) -> None:
     "Register `tsp-train` and `tsp-eval` on an argparse subparsers object."
-    p = subparsers.add_parser("tsp-train", help="train a TSP attention policy (resumes an unfinished run)",
-                              description="Train the attention-model TSP policy with REINFORCE and a greedy-rollout (or POMO) baseline. "
-                                          "Rerunning the same command resumes an interrupted run; a larger --epochs continues a finished one.")
+    p = add_command(subparsers, "tsp-train", tsp_train_command, "train a TSP attention policy (resumes an unfinished run)",
+                    "Train the attention-model TSP policy with REINFORCE and a greedy-rollout (or POMO) baseline. Rerunning the same "
+                    "command resumes an interrupted run; a larger --epochs continues a finished one.")
     p.add_argument("--run-dir", required=True, help="run folder (config, checkpoints, history, policy.safetensors)")
     p.add_argument("--preset", choices=sorted(TSP_PRESETS), help="start from a named config; flags override it")
-    docs = field_docs(TSPTrainConfig)
-    for f in fields(TSPTrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=f"{docs.get(f.name, f.name)} (default {f.default})")
+    add_options(p, TSPTrainConfig, "training (TSPTrainConfig)", defaults=False)   # its `device` field is the --device flag
     p.add_argument("--overwrite", action="store_true", help="delete a finished or unfinished run in --run-dir and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=tsp_train_command)
-
-    q = subparsers.add_parser("tsp-eval", help="tour lengths and optimality gaps of a trained policy and the baselines",
-                              description="Evaluate a trained policy against random tours, nearest neighbour, farthest insertion, "
-                                          "2-opt and the exact optimum on a seeded test set or on given instances.")
-    q.add_argument("--run-dir", required=True, help="run folder holding policy.safetensors")
-    q.add_argument("--instances", help="a .npy array [N, n, 2] of coordinates (default: a seeded uniform test set)")
-    q.add_argument("--num-instances", type=int, default=1000, help="size of the seeded test set (default 1000)")
-    q.add_argument("--n", type=int, help="nodes per test instance (default: the n the policy was trained on)")
-    q.add_argument("--seed", type=int, default=1234, help="seed of the test set and of sampling (default 1234)")
-    q.add_argument("--samples", type=int, default=0, help="also report the best of this many sampled tours per instance")
-    q.add_argument("--multistart", action="store_true", help="also report the best of the n greedy tours from every start node")
-    q.add_argument("--exact", choices=("auto", "yes", "no"), default="auto", help=f"compute optimal tours (auto: n <= {EXACT_MAX_N})")
-    q.add_argument("--out", help="CSV with one row per instance and one column per method")
-    q.add_argument("--batch-size", type=int, default=1024, help="instances per policy batch")
-    q.add_argument("--device", default="cpu", help="where the policy runs")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q.set_defaults(func=tsp_eval_command)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_command(subparsers, "tsp-eval", tsp_eval_command, "tour lengths and optimality gaps of a trained policy and the baselines",
+                "Evaluate a trained policy against random tours, nearest neighbour, farthest insertion, 2-opt and the exact optimum "
+                "on a seeded test set or on given instances.", TSPEvalOptions, run=False, run_dir="run folder holding policy.safetensors")
 
 def tsp_train_command(args) -> int:
     "Handler of `ghosttrack tsp-train`."
-    kw = dict(TSP_PRESETS[args.preset]) if args.preset else {}
-    kw.update({f.name: getattr(args, f.name) for f in fields(TSPTrainConfig) if getattr(args, f.name) is not None})
-    summary = train_tsp(TSPTrainConfig(**kw), args.run_dir, overwrite=args.overwrite, progress=False if args.quiet else None)
+    cfg = options(args, TSPTrainConfig, base=TSP_PRESETS[args.preset] if args.preset else None)
+    summary = train_tsp(cfg, args.run_dir, overwrite=args.overwrite, progress=False if args.quiet else None)
     every = "" if summary.get("val_multistart_gap") is None else f" (best of every start: {summary['val_multistart_gap']:.2%})"
     print(f"TSP-{summary['n']}: greedy validation length {summary['val_length']:.4f}, gap {summary['val_gap']:.2%}{every} "
           f"vs {summary['reference']}, {summary['train_seconds']:.0f} s of training; policy in {Path(args.run_dir) / POLICY_FILE}")
@@ -73,22 +54,22 @@ def _read_instances(path) -> np.ndarray:
 
 def tsp_eval_command(args) -> int:
     "Handler of `ghosttrack tsp-eval`."
-    policy = load_policy(args.run_dir, device=args.device)
-    if args.instances: coords = _read_instances(args.instances)
+    o = options(args, TSPEvalOptions)
+    policy = load_policy(args.run_dir, device=args.device or "cpu")
+    if o.instances: coords = _read_instances(o.instances)
     else:
         cfg_path = Path(args.run_dir) / "config.json"
-        if not args.n and not cfg_path.exists(): raise ValueError(f"{cfg_path} is missing, so the policy's n is unknown; pass --n")
-        n = args.n or load_json(cfg_path)["n"]
-        coords = TSPInstances(n, args.seed, args.num_instances).tensor().numpy()
-    exact = args.exact == "yes" or (args.exact == "auto" and coords.shape[1] <= EXACT_MAX_N)
-    lengths = evaluate_tsp(policy, coords, exact=exact, samples=args.samples, batch_size=args.batch_size,
-                           seed=args.seed, progress=False if args.quiet else None, multistart=args.multistart)
+        if not o.n and not cfg_path.exists(): raise ValueError(f"{cfg_path} is missing, so the policy's n is unknown; pass --n")
+        n = o.n or load_json(cfg_path)["n"]
+        coords = TSPInstances(n, o.seed, o.num_instances).tensor().numpy()
+    exact = o.exact == "yes" or (o.exact == "auto" and coords.shape[1] <= EXACT_MAX_N)
+    lengths = evaluate_tsp(policy, coords, exact=exact, samples=o.samples, batch_size=o.batch_size,
+                           seed=o.seed, progress=False if args.quiet else None, multistart=o.multistart)
     print(f"{len(coords)} instances of TSP-{coords.shape[1]}")
     print(format_gap_table(gap_table(lengths)))
-    if args.out:
-        with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
+    if o.out:
+        with atomic_path(o.out) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["instance", *lengths])
             w.writerows([i, *(f"{lengths[k][i]:.6f}" for k in lengths)] for i in range(len(coords)))
     return 0
-

@@ -12,7 +12,6 @@ import inspect
 import itertools
 import json
 import logging
-import os
 import platform
 import re
 import warnings

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 import ghosttrack
 
-from ..core.io import ArtifactExists, atomic_path, load_json, remove_tree, save_json, save_tensors, sha256_file, verify_sha256
+from ..core.io import ArtifactExists, load_json, remove_tree, save_json, save_tensors, verify_sha256
 from .corpus import TokenSource
 from .models import capture_activations, model_name, layer_hookpoints
 
@@ -163,7 +163,7 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
     tokens_in = not probe.is_floating_point() and probe.ndim == 2
     if skip_first is None: skip_first = 1 if tokens_in else 0
     d = {h: a.shape[-1] for h, a in capture_activations(model, probe.to(device), hookpoints, stop_early).items()}
-    writers, todo = {}, []
+    writers = {}
     for h, f in folders.items():
         head = _header(model, h, d[h], source, batch_size, shard_tokens, dtype, num_tokens, skip_first)
         if (f / "manifest.json").exists():

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from ..data.models import hooked
 from ..core.io import save_json
-from .clt import CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, load_clt, load_pairs, train_clt
+from ..core.registry import ARCHITECTURES
+from ..data.models import hooked
+from .clt import (NORMALIZATIONS, CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, load_clt,
+                                         load_pairs, train_clt)
 from .evaluate import firing_counts, spliced_lm_metrics
 from ..tsp.policy import run_with_replacement
 
-
 # %% auto #0
-__all__ = ['FREQ_BINS', 'evaluate_clt', 'plot_clt', 'clt_replacement', 'clt_spliced_lm_metrics', 'clt_policy_drift',
-           'sae_feature_through_clt', 'inspect_pairs', 'fit_clt', 'clt_line']
+__all__ = ['FREQ_BINS', 'ARCHITECTURE_NAMES', 'NORMALIZATION_NAMES', 'evaluate_clt', 'plot_clt', 'clt_replacement',
+           'clt_spliced_lm_metrics', 'clt_policy_drift', 'sae_feature_through_clt', 'inspect_pairs', 'fit_clt',
+           'clt_line', 'CLTGridOptions']
 
 # %% ../../nbs/31_dict_clt_eval.ipynb #0cceea52
 FREQ_BINS = [10 ** (e / 2) for e in range(-16, 1)]
@@ -180,4 +184,44 @@ def clt_line(row: dict) -> str:
     sub = row.get("grid_point", "-")
     return (f"{row['pair']}{'' if sub == '-' else ' ' + sub}: R² {row['r2']:.4f} (linear {row['baseline_r2']:.4f}), "
             f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.1%}{lm}{tsp}")
+
+ARCHITECTURE_NAMES, NORMALIZATION_NAMES = tuple(ARCHITECTURES), NORMALIZATIONS
+
+@dataclass
+class CLTGridOptions:
+    "The transcoders `ghosttrack train-clt` trains for every pair: one per point of the grid its lists span."
+    layer_pairs: str = field(default="", metadata={"required": True})
+    "pairs SRC:TGT with layer indices or `out` (0:2,1:out), or SRC->TGT with hookpoint names"
+    architecture: Literal[ARCHITECTURE_NAMES] = field(default="topk", metadata={"flags": ("--arch",)})
+    "transcoder architecture"
+    expansion_factor: list[int] = field(default_factory=lambda: [8])
+    "features per source dimension; a comma list makes a grid"
+    k: Optional[list[int]] = None
+    "active features per token (topk, batchtopk); a comma list makes a grid (default 32)"
+    k_ratio: Optional[list[float]] = None
+    "k as a share of the features instead of --k; a comma list makes a grid"
+    l1_coefficient: Optional[float] = None
+    "sparsity penalty weight (relu, jumprelu)"
+    normalize: Literal[NORMALIZATION_NAMES] = "unit_norm"
+    "source/target normalisation"
+    skip: bool = False
+    "skip transcoder: add an affine skip started at the least-squares map"
+    eval_rows: int = 16
+    "held-out token rows for the spliced next-token loss (0 skips it)"
+
+    def grid(self) -> list[dict]:
+        "The grid points: `{expansion_factor, k or k_ratio}` for every combination of the lists."
+        ks = [dict(k=k) for k in self.k] if self.k else [dict(k_ratio=r) for r in self.k_ratio] if self.k_ratio else [dict(k=32)]
+        return [dict(expansion_factor=e, **k) for e in self.expansion_factor for k in ks]
+
+    def point_name(self, point: dict) -> str:
+        "The subfolder of one grid point (`x8_k16`); empty when the grid has one point."
+        if len(self.grid()) == 1: return ""
+        return f"x{point['expansion_factor']}_" + (f"k{point['k']}" if "k" in point else f"kr{point['k_ratio']:g}")
+
+    def clt_config(self, point: dict) -> CLTConfig:
+        "The `CLTConfig` of one grid point."
+        extra = {"l1_coefficient": self.l1_coefficient} if self.l1_coefficient is not None else {}
+        return CLTConfig(architecture=self.architecture, normalize=self.normalize, skip=self.skip, **point, **extra)
+
 

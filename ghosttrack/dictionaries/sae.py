@@ -15,14 +15,12 @@ from .. import __version__
 
 from ..core.config import SAEConfig, config_from_dict
 from ..core.registry import ARCHITECTURES, check_classes
-from ..core.io import load_json, load_tensors, save_json, save_tensors, save_weights_folder
-
+from ..core.io import load_json, load_tensors, save_weights_folder
 
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
-           'SAEOutput', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'StepFn',
-           'JumpReLUSAE', 'make_sae', 'sparse_decode', 'TopKEncodeFn', 'synthetic_sparse_data', 'saelens_cfg',
-           'save_sae', 'load_sae']
+           'SAEOutput', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE',
+           'make_sae', 'sparse_decode', 'TopKEncodeFn', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
 @dataclass
@@ -255,32 +253,21 @@ def _window(pre, threshold, bandwidth):
 def _sum_rows(t_BF): return t_BF.reshape(-1, t_BF.shape[-1]).sum(0)
 
 class JumpReLUFn(torch.autograd.Function):
-    "`relu(pre)·H(pre − θ)` with a straight-through rectangle-kernel gradient for θ."
+    """`relu(pre)·H(pre − θ)`, or with `step` `H(pre − θ)` (what L0 counts), with a straight-through rectangle-kernel
+    gradient for θ; the step passes no gradient to `pre`."""
     @staticmethod
-    def forward(ctx, pre_BF, threshold_F, bandwidth: float):
+    def forward(ctx, pre_BF, threshold_F, bandwidth: float, step: bool = False):
         ctx.save_for_backward(pre_BF, threshold_F)
-        ctx.bandwidth = bandwidth
-        return F.relu(pre_BF) * (pre_BF > threshold_F)
+        ctx.bandwidth, ctx.step = bandwidth, step
+        gate_BF = pre_BF > threshold_F
+        return gate_BF.to(pre_BF.dtype) if step else F.relu(pre_BF) * gate_BF
 
     @staticmethod
     def backward(ctx, g_BF):
         pre_BF, threshold_F = ctx.saved_tensors
-        g_pre_BF = g_BF * ((pre_BF > threshold_F) & (pre_BF > 0))
-        g_threshold_F = _sum_rows(-threshold_F * _window(pre_BF, threshold_F, ctx.bandwidth) * g_BF)
-        return g_pre_BF, g_threshold_F, None
-
-class StepFn(torch.autograd.Function):
-    "`H(pre − θ)` (what L0 counts) with a straight-through rectangle-kernel gradient for θ only."
-    @staticmethod
-    def forward(ctx, pre_BF, threshold_F, bandwidth: float):
-        ctx.save_for_backward(pre_BF, threshold_F)
-        ctx.bandwidth = bandwidth
-        return (pre_BF > threshold_F).to(pre_BF.dtype)
-
-    @staticmethod
-    def backward(ctx, g_BF):
-        pre_BF, threshold_F = ctx.saved_tensors
-        return None, _sum_rows(-_window(pre_BF, threshold_F, ctx.bandwidth) * g_BF), None
+        window_BF = _window(pre_BF, threshold_F, ctx.bandwidth) * g_BF
+        if ctx.step: return None, _sum_rows(-window_BF), None, None
+        return g_BF * ((pre_BF > threshold_F) & (pre_BF > 0)), _sum_rows(-threshold_F * window_BF), None, None
 
 class JumpReLUSAE(SAE):
     "Per-feature learned thresholds trained with a straight-through estimator and an L0 penalty."
@@ -293,7 +280,7 @@ class JumpReLUSAE(SAE):
     def activate(self, pre_BF): return JumpReLUFn.apply(pre_BF, self.threshold, self.cfg.jumprelu_bandwidth)
 
     def sparsity_loss(self, pre_BF, acts_BF, sigma):
-        l0_B = StepFn.apply(pre_BF, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1)
+        l0_B = JumpReLUFn.apply(pre_BF, self.threshold, self.cfg.jumprelu_bandwidth, True).sum(-1)
         return self.cfg.l1_coefficient * l0_B.mean() / self.cfg.d_in
 
     def saelens_tensors(self): return {**super().saelens_tensors(), "threshold": self.threshold}

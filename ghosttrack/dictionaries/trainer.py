@@ -14,7 +14,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.distributed as dist

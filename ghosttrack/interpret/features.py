@@ -15,166 +15,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.io import atomic_path, load_json
-from ..data.corpus import TokenSource, _bos_id
-from ..data.models import capture_activations
 from ..data.store import ActivationStore
+from .rows import LiveRows, StoreRows
 
 log = logging.getLogger(__name__)
 FEATURES_FORMAT = 1
 HIST_EDGES = [10 ** (e / 4) for e in range(-12, 13)]
 "bin edges of the per-feature histogram of non-zero activations: 4 bins a decade from 0.001 to 1000 (values outside go to the end bins)"
 
-
 # %% auto #0
 __all__ = ['log', 'FEATURES_FORMAT', 'HIST_EDGES', 'TopK', 'common_tokens', 'FeatureSet', 'load_features', 'FeatureInterpreter']
-
-# %% ../../nbs/50_interpret_features.ipynb #6b2fc41b
-class _LiveRows:
-    "Hookpoint activations of token rows (or TSP instances: nodes are the rows) run through the model."
-    def __init__(self, fi: "FeatureInterpreter", texts, max_tokens: int | None):
-        self.fi = fi
-        if isinstance(texts, torch.Tensor):
-            if texts.ndim != (3 if texts.is_floating_point() else 2):
-                raise ValueError(f"texts tensor of shape {tuple(texts.shape)}, dtype {texts.dtype}: expected [N, T] token ids or [N, n, C] node features")
-            valid = torch.ones(texts.shape[:2], dtype=torch.bool)
-            self._source = lambda B: zip(texts.split(B), valid.split(B))
-        elif isinstance(texts, (list, tuple)):
-            ids, valid = self._tokenize(list(texts))
-            self._source = lambda B: zip(ids.split(B), valid.split(B))
-        else:
-            if not hasattr(texts, "batches"):
-                if not hasattr(texts, "get_texts"):
-                    raise TypeError(f"texts of type {type(texts).__name__}: expected a list of strings, [N, T] token ids, "
-                                    "a TokenSource, a Corpus or an activation store folder")
-                texts = TokenSource(texts, self._tokenizer(), fi.context_len)
-            self._source = lambda B: ((b, torch.ones(b.shape[:2], dtype=torch.bool)) for b in texts.batches(B))
-        first = next(iter(self._source(1)), None)
-        if first is None: raise ValueError("texts are empty: nothing to interpret")
-        self.T, self.tokens = first[0].shape[1], not first[0].is_floating_point()
-        self.skip = fi.skip_first if fi.skip_first is not None else int(self.tokens)
-        if self.T <= self.skip: raise ValueError(f"rows of {self.T} tokens with skip_first={self.skip}: no position is left to interpret")
-        self.L = self.T - self.skip
-        self.max_seqs = math.ceil(max_tokens / self.L) if max_tokens else None
-        self.describe = texts.describe() if hasattr(texts, "describe") else {"kind": type(texts).__name__}
-
-    def _tokenizer(self):
-        if self.fi.tokenizer is None: raise ValueError("texts need a tokenizer: FeatureInterpreter(sae, model, tokenizer=tok)")
-        return self.fi.tokenizer
-
-    def _tokenize(self, texts):
-        tok = self._tokenizer()
-        bos = _bos_id(tok)
-        rows = [[bos] + tok(t, add_special_tokens=False)["input_ids"][:self.fi.context_len - 1] for t in texts]
-        if not rows: raise ValueError("texts are empty: nothing to interpret")
-        T = max(map(len, rows))
-        ids, valid = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, r in enumerate(rows): ids[i, :len(r)], valid[i, :len(r)] = torch.tensor(r), True
-        return ids, valid
-
-    def _batches(self):
-        n = 0
-        for ids, valid in self._source(self.fi.batch_size):
-            if self.max_seqs is not None:
-                if n >= self.max_seqs: return
-                ids, valid = ids[:self.max_seqs - n], valid[:self.max_seqs - n]
-            yield n, ids, valid
-            n += len(ids)
-
-    def _acts(self, inputs):
-        x = capture_activations(self.fi.model, inputs.to(self.fi.device), [self.fi.hookpoint])[self.fi.hookpoint]
-        return x[:, self.skip:]
-
-    def _ids(self, inputs, valid):
-        "Token ids, -1 where padded; for non-token inputs (TSP coordinates) the node index."
-        if not self.tokens: return torch.arange(inputs.shape[1]).expand(len(inputs), -1)
-        return torch.where(valid, inputs, -1)
-
-    def chunks(self):
-        "(row0, x_ND, valid_N) for every row, in order."
-        for n, ids, valid in self._batches():
-            x = self._acts(ids)
-            yield n * self.L, x.reshape(-1, x.shape[-1]), valid[:, self.skip:].reshape(-1)
-
-    def sequences(self, seqs):
-        "(seq_S, ids_ST, x_SLD) for the sequence ids `seqs` (sorted), `batch_size` sequences at a time."
-        want = set(seqs.tolist())
-        pend = []
-        def flush():
-            seq, inputs, valid = zip(*pend)
-            inputs, valid = torch.stack(inputs), torch.stack(valid)
-            return torch.tensor(seq), self._ids(inputs, valid), self._acts(inputs)
-        for n, inputs, valid in self._batches():
-            for j in range(len(inputs)):
-                if n + j in want:
-                    pend.append((n + j, inputs[j], valid[j]))
-                    if len(pend) == self.fi.batch_size: yield flush(); pend = []
-        if pend: yield flush()
-
-# %% ../../nbs/50_interpret_features.ipynb #3ebb1d75
-class _StoreRows:
-    "Rows of a saved activation store (token ids from its shards, no model forward)."
-    def __init__(self, fi: "FeatureInterpreter", store, max_tokens: int | None):
-        self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-        m, self.fi = self.store.manifest, fi
-        if m["d_model"] != fi.sae.cfg.d_in:
-            raise ValueError(f"activation store {self.store.folder} has d_model={m['d_model']} but the SAE reads d_in={fi.sae.cfg.d_in}; "
-                             "pass the store of the SAE's hookpoint")
-        if fi.hookpoint and m["hookpoint"] != fi.hookpoint:
-            raise ValueError(f"activation store {self.store.folder} holds {m['hookpoint']!r}, the SAE reads {fi.hookpoint!r}; "
-                             "pass the store of the SAE's hookpoint")
-        corpus = m.get("corpus") or {}
-        self.T = corpus.get("context_len", corpus.get("rows_per_instance"))
-        if self.T is None:
-            raise ValueError(f"activation store {self.store.folder}: its manifest records neither the corpus context_len nor "
-                             "rows_per_instance, so rows cannot be mapped back to sequences; interpret from texts instead")
-        self.skip = m.get("skip_first_positions", 0)
-        self.L = self.T - self.skip
-        self.bos = corpus.get("bos_token_id", -1) if self.skip else -1
-        self.n = min(self.store.num_tokens, max_tokens or self.store.num_tokens)
-        from safetensors import safe_open
-        with safe_open(str(self.store.folder / m["shards"][0]["file"]), "pt") as f: self.has_ids = "token_ids" in f.keys()
-        self.describe = {"kind": "activation_store", "folder": str(self.store.folder), "corpus": corpus}
-
-    def _shards(self, key):
-        a = 0
-        for i, rows in enumerate(self.store.shard_rows):
-            if a >= self.n: return
-            yield a, self.store.shard(i, key)[:self.n - a]
-            a += rows
-
-    def chunks(self):
-        for a, x in self._shards("activations"):
-            for s in range(0, len(x), self.fi.chunk_rows):
-                xs = x[s:s + self.fi.chunk_rows]
-                yield a + s, xs, torch.ones(len(xs), dtype=torch.bool)
-
-    def sequences(self, seqs):
-        "As `_LiveRows.sequences`; a store without token ids (TSP) gives node indices instead."
-        B, D = self.fi.batch_size, self.store.d_in
-        pend, done = {}, []
-        ids_shards = self._shards("token_ids") if self.has_ids else None
-        for a, x in self._shards("activations"):
-            ids = next(ids_shards)[1] if self.has_ids else torch.arange(a, a + len(x)) % self.L + self.skip
-            b = a + len(x)
-            first = int(torch.searchsorted(seqs, torch.tensor(a // self.L)))
-            last = int(torch.searchsorted(seqs, torch.tensor((b - 1) // self.L), right=True))
-            for s in seqs[first:last].tolist():      # the needed sequences with rows in this shard
-                lo, hi = s * self.L, (s + 1) * self.L
-                if s not in pend:
-                    ids_T = torch.full((self.T,), -1, dtype=torch.long); ids_T[:self.skip] = self.bos
-                    pend[s] = (ids_T, torch.zeros(self.L, D, dtype=x.dtype))
-                r0, r1 = max(lo, a), min(hi, b)
-                pend[s][0][self.skip + r0 - lo:self.skip + r1 - lo] = ids[r0 - a:r1 - a].long()
-                pend[s][1][r0 - lo:r1 - lo] = x[r0 - a:r1 - a]
-            for s in [s for s in pend if (s + 1) * self.L <= b or b >= self.n]:
-                done.append((s, *pend.pop(s)))
-            while len(done) >= B: yield self._stack(done[:B]); done = done[B:]
-        done += [(s, *v) for s, v in pend.items()]
-        for i in range(0, len(done), B): yield self._stack(done[i:i + B])
-
-    def _stack(self, items):
-        return (torch.tensor([s for s, _, _ in items]), torch.stack([i for _, i, _ in items]),
-                torch.stack([x for _, _, x in items]).to(self.fi.device))
 
 # %% ../../nbs/50_interpret_features.ipynb #aeb0c58b
 class TopK:
@@ -339,10 +189,10 @@ class FeatureInterpreter:
         return self._decoded[token_id]
 
     def _rows(self, texts, max_tokens):
-        if _is_store(texts): return _StoreRows(self, texts, max_tokens)
+        if _is_store(texts): return StoreRows(self, texts, max_tokens)
         if self.model is None: raise ValueError("texts need a model to run through: FeatureInterpreter(sae, model, …), or pass an activation store folder")
         if not self.hookpoint: raise ValueError("the SAE does not name its hookpoint (cfg.hook_name is empty); pass hookpoint='blocks.6.hook_resid_post'")
-        return _LiveRows(self, texts, max_tokens)
+        return LiveRows(self, texts, max_tokens)
 
     def _encode(self, x_ND):
         return self.sae.encode(x_ND.to(self.device, self.sae.W_enc_DF.dtype))

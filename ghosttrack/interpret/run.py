@@ -5,14 +5,15 @@
 # %% ../../nbs/52_interpret_run.ipynb #75d75d4d
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from ..core.config import parse_layers
-from ..core.io import load_json, check_overwrite
-from ..core.run_config import load_config
-from ..core.runfolder import layer_of, saes_dir, activations_dir
+from ..core.io import check_overwrite
+from ..core.runfolder import activations_dir, load_run_config, run_saes
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import load_model
 from ..data.store import hook_dirname
@@ -23,11 +24,23 @@ from .features import FeatureInterpreter
 log = logging.getLogger(__name__)
 DEFAULT_TEXT_TOKENS = 100_000
 "tokens read from `--texts` when `--max-tokens` is not given"
-from ..core.runfolder import run_saes
 
+@dataclass
+class InterpretOptions:
+    "What `interpret_run` reads and keeps (the flags of `ghosttrack interpret`)."
+    layers: Optional[str] = None
+    "all, or layer indices such as 0,6,11 (default: every SAE of the run)"
+    texts: Optional[str] = None
+    "truthfulqa[:PATH] | wikipedia | stdlib | text:PATH[,PATH] (default: the run's activation store)"
+    k: int = 20
+    "top examples kept per feature"
+    max_tokens: Optional[int] = None
+    "tokens to read (default: the whole store, or `DEFAULT_TEXT_TOKENS` = 100,000 of --texts)"
+    batch_size: int = 8
+    "sequences per model forward"
 
 # %% auto #0
-__all__ = ['log', 'DEFAULT_TEXT_TOKENS', 'interpret_run']
+__all__ = ['log', 'DEFAULT_TEXT_TOKENS', 'InterpretOptions', 'interpret_run']
 
 # %% ../../nbs/52_interpret_run.ipynb #4cba8697
 def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, max_tokens: int | None = None,
@@ -35,11 +48,7 @@ def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, m
     """Interpret every feature of the run's SAEs (of `layers`), writing `interpret/<hookpoint>/features.json` and
     `dashboard.html`. `texts`: None = the run's activation store, else a corpus source (`truthfulqa`, `wikipedia`,
     `stdlib`, `text:PATH`). Returns `{hookpoint: summary + paths + seconds}`."""
-    import dataclasses
-    run = Path(run_dir)
-    if not (run / "config.json").exists():
-        raise FileNotFoundError(f"{run} is not a run folder (config.json missing); pass the --run-dir of a `ghosttrack run`")
-    cfg = dataclasses.replace(load_config(run / "config.json"), run_dir=str(run))
+    run, cfg = Path(run_dir), load_run_config(run_dir)
     saes = run_saes(cfg, layers)
     outs = {hp: run / "interpret" / hook_dirname(hp) for hp in saes}
     for hp, out in outs.items(): check_overwrite(out / "features.json", (out / "features.json").exists(), overwrite, "feature interpretation")
@@ -63,4 +72,5 @@ def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, m
         res[hp] = {**fs.summary(), "features": str(outs[hp] / "features.json"), "dashboard": str(outs[hp] / "dashboard.html"),
                    "seconds": time.time() - t0}
     return res
+
 

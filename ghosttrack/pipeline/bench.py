@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 import torch
 import ghosttrack
 
@@ -27,11 +28,10 @@ from ..dictionaries.sae import make_sae, save_sae
 from ..dictionaries.stream import stream_train_saes
 from ..dictionaries.trainer import PerfConfig, Trainer, train_sae
 
-
 # %% auto #0
-__all__ = ['PRESETS', 'PEERS', 'SAELENS_SCRIPT', 'SPARSIFY_SCRIPT', 'BenchConfig', 'peer_python', 'run_peer', 'TensorBatches',
-           'train_ghosttrack', 'bench_extraction', 'bench_stream_vs_disk', 'SyntheticBatches', 'peak_rss_mb',
-           'scale_point', 'bench_scaling', 'machine_info', 'run_bench', 'format_report']
+__all__ = ['PRESETS', 'PEERS', 'SAELENS_SCRIPT', 'SPARSIFY_SCRIPT', 'BenchConfig', 'BenchOptions', 'peer_python', 'run_peer',
+           'TensorBatches', 'train_ghosttrack', 'bench_extraction', 'bench_stream_vs_disk', 'SyntheticBatches',
+           'peak_rss_mb', 'scale_point', 'bench_scaling', 'machine_info', 'run_bench', 'format_report']
 
 # %% ../../nbs/85_pipeline_bench.ipynb #cb158f7f
 @dataclass
@@ -75,6 +75,25 @@ PRESETS = {
 # %% ../../nbs/85_pipeline_bench.ipynb #049ac920
 PEERS = {"saelens": ("GHOSTTRACK_SAELENS_PYTHON", ".saelens-venv", "sae_lens", "sae-lens"),
          "sparsify": ("GHOSTTRACK_SPARSIFY_PYTHON", ".sparsify-venv", "sparsify", "eai-sparsify")}
+
+@dataclass
+class BenchOptions:
+    "Where `ghosttrack bench` writes, what it runs on, and against whom (its flags besides the size)."
+    out: str = "."
+    "folder for bench.json"
+    threads: Optional[int] = None
+    "torch threads for every trainer (default $OMP_NUM_THREADS or 1)"
+    device: str = "cpu"
+    "cpu or cuda"
+    peers: str = "saelens,sparsify"
+    "peers to run: a comma list of saelens,sparsify, or none"
+
+    def peer_names(self) -> tuple:
+        "The peers asked for, checked against `PEERS`."
+        peers = () if self.peers == "none" else tuple(p for p in self.peers.split(",") if p)
+        unknown = set(peers) - set(PEERS)
+        if unknown: raise ValueError(f"--peers {self.peers}: unknown {sorted(unknown)}; expected a comma list of {', '.join(PEERS)} or none")
+        return peers
 
 def peer_python(name: str) -> tuple:
     "`(python, version)` of a peer's interpreter, or `(None, why)` when it is missing."

@@ -5,15 +5,11 @@
 # %% ../../nbs/80_pipeline_run.ipynb #d86cb706
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import time
-from pathlib import Path
 
-from ..core.config import config_to_dict, parse_layers, save_config, config_from_dict
-from ..core.io import load_json, save_json
-from ..core.run_config import RunConfig, TSPTrainConfig
+from ..core.io import save_json
+from ..core.run_config import RunConfig
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import load_model, layer_hookpoints, model_name
 from ..data.store import hook_dirname, extract_activations
@@ -21,22 +17,19 @@ from ..dictionaries.evaluate import spliced_lm_metrics
 from ..dictionaries.sae import load_sae
 from ..dictionaries.stream import stream_train_saes
 from ..dictionaries.trainer import train_sae
-from ..tsp.policy import load_policy, TSPInstances
-from ..tsp.train import derive_seed
+from ..tsp.policy import load_policy
 
 log = logging.getLogger("ghosttrack")
 from ..core.runfolder import _stored_rows
 from ..core.runfolder import activations_dir
-from ..core.runfolder import open_run
 from ..core.runfolder import policy_dir
 from ..core.runfolder import saes_dir
 from ..core.runfolder import stores_in
 from ..tsp.train import tsp_instances
 
-
 # %% auto #0
 __all__ = ['log', 'token_source', 'load_run_model', 'run_source', 'held_out_rows', 'run_extract', 'run_train', 'run_lm_eval',
-           'run_pipeline', 'summary_table', 'stream_train']
+           'summary_table', 'stream_train']
 
 # %% ../../nbs/80_pipeline_run.ipynb #28089abb
 def token_source(cfg: RunConfig, tokenizer):
@@ -102,38 +95,6 @@ def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None) 
         save_json(out[hp], folder / "lm_eval.json")
     return out
 
-def _model_of_stores(cfg: RunConfig, trained: dict):
-    "For a train-only run: the model the activations came from (as the stores record it), or (None, None)."
-    name = next(iter(trained.values())).get("model", "")
-    try: return load_model(name, device=cfg.extract.device)
-    except (OSError, RuntimeError, ValueError) as e:
-        log.warning("not measuring the LM loss with the SAEs spliced in: cannot load %r, the model of the activations (%s)", name, e)
-        return None, None
-
-def run_pipeline(cfg: RunConfig, extract: bool = True, train: bool = True, overwrite: bool = False, progress: bool = True,
-                 save_dir=None, model=None, tokenizer=None) -> dict:
-    """Extract, train, and measure the LM loss with each SAE spliced in, writing the resolved config into the run
-    folder. Returns `{'extract': …, 'train': …, 'lm_eval': …}`. Pass `model`/`tokenizer` to use an already loaded
-    model instead of `cfg.extract.model`."""
-    resolved = open_run(cfg)
-    res = {}
-    if cfg.stream and extract and train:   # one pass: the forward feeds the trainers, nothing is stored
-        if model is None: model, tokenizer = load_run_model(cfg)
-        res["train"] = stream_train(cfg, model, tokenizer, overwrite, progress, save_dir)
-        extract = train = False
-        if cfg.eval_rows and tokenizer is not None: res["lm_eval"] = run_lm_eval(cfg, res["train"], model, tokenizer, save_dir)
-    if extract:
-        if model is None: model, tokenizer = load_run_model(cfg)
-        res["extract"] = run_extract(cfg, overwrite, progress, model, tokenizer)
-    if train:
-        res["train"] = run_train(cfg, overwrite, progress, save_dir)
-        if cfg.eval_rows and res["train"]:
-            if model is None: model, tokenizer = _model_of_stores(cfg, res["train"])
-            if tokenizer is not None: res["lm_eval"] = run_lm_eval(cfg, res["train"], model, tokenizer, save_dir)
-    save_config(resolved, cfg.run_path / "config.json")          # a failed run never replaces it
-    return res
-
-
 # %% ../../nbs/80_pipeline_run.ipynb #19ae984f
 def summary_table(res: dict) -> str:
     "A plain-text table of the run: extraction speed, then FVU / L0 / dead % / training speed per SAE."
@@ -164,4 +125,5 @@ def stream_train(cfg: RunConfig, model=None, tokenizer=None, overwrite: bool = F
                              cfg.run_path / "checkpoints", ex.batch_size, ex.shard_tokens, ex.dtype,
                              skip_first=0 if ex.keep_bos else None, stop_early=ex.early_stop, perf=perf or cfg.perf, overwrite=overwrite,
                              progress=progress)
+
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..attribution.run import attribute
-from ..core.config import config_from_dict, config_to_dict, save_config
+from ..core.config import config_from_dict, save_config
 from ..core.io import load_json, save_json
 from ..core.presets import get_preset
-from ..core.run_config import RunConfig, apply_overrides, device_overrides, TSPTrainConfig
+from ..core.run_config import RunConfig, apply_overrides, device_overrides
 from ..core.runfolder import activations_dir, open_run, policy_dir, saes_dir, run_saes
 from ..data.corpus import make_corpus
 from ..data.store import hook_dirname

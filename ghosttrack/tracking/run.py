@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Literal, Optional
 
 from ..core.io import atomic_path, check_overwrite, save_json, shared_data_dir
-from ..core.run_config import load_config
-from ..core.runfolder import run_saes
+from ..core.runfolder import load_run_config, run_saes
 from ..data.corpus import load_truthfulqa
 from ..data.models import load_model
 from ..dictionaries.sae import load_sae
@@ -20,17 +20,33 @@ from .tracker import HypothesisTracker, clt_edge_fn, find_clts, feature_labeler,
 
 log = logging.getLogger(__name__)
 
+@dataclasses.dataclass
+class TrackOptions:
+    "What `track_prompt` and `track_truthfulqa` follow and how (the flags of `ghosttrack track`)."
+    answer: Optional[str] = None
+    "answer appended to --prompt; its tokens are tracked too"
+    truthfulqa_path: Optional[str] = None
+    "TruthfulQA.csv (default: shared/data, else the Hugging Face Hub)"
+    max_questions: Optional[int] = None
+    "questions used in all, split train/val/test 60/20/20 (default: all 817)"
+    seed: int = 0
+    "seed of the question split"
+    layers: Optional[str] = None
+    "layers whose SAEs are tracked, e.g. 3,9,15 (default: every SAE of the run)"
+    top_k: int = 16
+    "features per layer"
+    threshold: float = 0.5
+    "smallest association score that continues a track"
+    method: Literal["hungarian", "greedy"] = "hungarian"
+    "matching between layers"
 
 # %% auto #0
-__all__ = ['log', 'load_run', 'run_tracker', 'track_prompt', 'default_truthfulqa_path', 'track_truthfulqa']
+__all__ = ['log', 'TrackOptions', 'load_run', 'run_tracker', 'track_prompt', 'default_truthfulqa_path', 'track_truthfulqa']
 
 # %% ../../nbs/72_tracking_run.ipynb #9b0d449e
 def load_run(run_dir, layers=None, device: str | None = None) -> tuple:
     "`(model, tokenizer, {layer: SAE})` of a finished run folder (residual-stream SAEs of `layers`, default all)."
-    run = Path(run_dir)
-    if not (run / "config.json").exists():
-        raise FileNotFoundError(f"{run} is not a run folder (config.json missing); pass the --run-dir of a `ghosttrack run`")
-    cfg = dataclasses.replace(load_config(run / "config.json"), run_dir=str(run))
+    run, cfg = Path(run_dir), load_run_config(run_dir)
     device = device or cfg.extract.device
     found = {hp: f for hp, f in run_saes(cfg, layers).items() if hp.startswith("blocks.") and hp.endswith("hook_resid_post")}
     if not found: raise FileNotFoundError(f"no residual-stream SAEs (blocks.N.hook_resid_post) under {run / 'saes'}; tracking needs one per layer")

@@ -5,37 +5,33 @@
 # %% ../../nbs/18_tsp_train.ipynb #f4cce122
 from __future__ import annotations
 
-import argparse
-import ast
 import copy
-import csv
 import json
-import inspect
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
 from scipy.stats import ttest_rel
 from tqdm.auto import tqdm
 
-from ..core.config import ConfigError, _check, _choice
-from ..core.io import append_jsonl, atomic_path, check_overwrite, load_json, load_tensors, read_jsonl, remove_tree, save_json, save_tensors
-from ..core.run_config import NORMS, RunConfig, TSPTrainConfig
+from ..core.config import ConfigError
+from ..core.io import (append_jsonl, atomic_path, load_json, load_tensors, read_jsonl, remove_tree, save_json,
+                                save_tensors)
+from ..core.run_config import RunConfig, TSPTrainConfig
 from ..core.runlog import wandb_run
-from .policy import POLICY_FILE, AttentionPolicy, TSPInstances, load_policy, policy_lengths, random_tours, save_policy, tour_length
+from .policy import (POLICY_FILE, AttentionPolicy, TSPInstances, policy_lengths, random_tours, save_policy,
+                                   tour_length)
 from .solvers import EXACT_MAX_N, solve_batch
 
 log = logging.getLogger(__name__)
 
-
 # %% auto #0
 __all__ = ['log', 'TSP_PRESETS', 'HEURISTICS', 'derive_seed', 'save_checkpoint', 'load_checkpoint', 'train_tsp', 'evaluate_tsp',
-           'gap_table', 'format_gap_table', 'tsp_instances']
+           'gap_table', 'format_gap_table', 'TSPEvalOptions', 'tsp_instances']
 
 # %% ../../nbs/18_tsp_train.ipynb #afa90d5c
 TSP_PRESETS = {
@@ -46,7 +42,6 @@ TSP_PRESETS = {
     "tiny": dict(n=10, d_model=32, n_layers=2, n_heads=4, d_ff=64, epochs=4, epoch_size=1536, batch_size=128,
                  lr=2e-3, baseline_eval_size=256, val_size=64, log_every=4),
 }
-
 
 # %% ../../nbs/18_tsp_train.ipynb #2fec6d20
 def derive_seed(seed: int, tag: str, i: int = 0) -> int:
@@ -240,6 +235,28 @@ def format_gap_table(rows: list) -> str:
     lines += [f"{r['method']:<{w}}{r['mean_length']:>12.4f}{r['gap']:>10.2%}" for r in rows]
     return "\n".join(lines + [f"(gap vs {rows[0]['reference']})"])
 
+@dataclass
+class TSPEvalOptions:
+    "Which instances `ghosttrack tsp-eval` measures a policy on, and how (its flags)."
+    instances: Optional[str] = None
+    "a .npy array [N, n, 2] of coordinates (default: a seeded uniform test set)"
+    num_instances: int = 1000
+    "size of the seeded test set"
+    n: Optional[int] = None
+    "nodes per test instance (default: the n the policy was trained on)"
+    seed: int = 1234
+    "seed of the test set and of sampling"
+    samples: int = 0
+    "also report the best of this many sampled tours per instance"
+    multistart: bool = False
+    "also report the best of the n greedy tours from every start node"
+    exact: Literal["auto", "yes", "no"] = "auto"
+    "compute optimal tours (auto: when n <= `EXACT_MAX_N`, 50)"
+    out: Optional[str] = None
+    "CSV with one row per instance and one column per method"
+    batch_size: int = 1024
+    "instances per policy batch"
+
 # %% ../../nbs/18_tsp_train.ipynb #16e451e2
 def tsp_instances(cfg: RunConfig, purpose: str):
     """Seeded TSP instances for `purpose`: `extract` (enough for `extract.num_tokens` rows, one per node) or `test`
@@ -247,4 +264,5 @@ def tsp_instances(cfg: RunConfig, purpose: str):
     t = cfg.tsp
     count = -(-cfg.extract.num_tokens // t.n) if purpose == "extract" else cfg.eval_rows
     return TSPInstances(t.n, derive_seed(t.seed, purpose), count)
+
 
