@@ -66,6 +66,7 @@ setuptools.setup(
     ]
     + [f"Programming Language :: Python :: {v}" for v in py_versions[py_versions.index(min_python):]],
     packages=setuptools.find_packages(include=["ghosttrack", "ghosttrack.*"]),
+    package_data={"ghosttrack.data": ["assets/*", "assets/*/*"]},   # the tokenizer, WikiText-2 and TruthfulQA copies
     python_requires=">=" + min_python,
     install_requires=reqs("requirements"),
     extras_require=extras,

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny GPT-2 saved with the real GPT-2 tokenizer, and WikiText-2 text from shared/data."""
+"""Shared fixtures: a tiny GPT-2 saved with the real GPT-2 tokenizer, and WikiText-2 text; both from the data that
+ships with ghosttrack (`ghosttrack/data/assets/`), so no test depends on anything outside the repository."""
 import os
 import signal
 import subprocess
@@ -9,30 +10,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from ghosttrack.core.io import NO_SHARED_DATA, shared_data_dir  # noqa: E402
+from ghosttrack.data.corpus import asset, gpt2_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def shared():
-    d = shared_data_dir()
-    if d is None:
-        pytest.skip(NO_SHARED_DATA)
-    return d
+def wikitext():
+    return asset("wikitext-2", "wiki.test.raw")
 
 
 @pytest.fixture(scope="session")
-def wikitext(shared):
-    return shared / "wikitext-2" / "wiki.test.raw"
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(shared, tmp_path_factory):
+def tiny_model_dir(tmp_path_factory):
     "A 3-layer GPT-2 (d_model 128) with the real GPT-2 tokenizer, saved like a downloaded model."
-    from transformers import GPT2TokenizerFast
     from ghosttrack.data.models import tiny_gpt2
     d = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = GPT2TokenizerFast.from_pretrained(shared / "gpt2-tokenizer")
-    assert len(tok) == 50257
+    tok = gpt2_tokenizer()
     tiny_gpt2(n_layer=3, d_model=128, n_head=4).save_pretrained(d)
     tok.save_pretrained(d)
     return d

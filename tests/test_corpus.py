@@ -12,7 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ghosttrack.core.io import shared_data_dir, NO_SHARED_DATA  # noqa: E402
 
 HUB_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_HOME", "HF_DATASETS_CACHE")
 
@@ -84,7 +83,7 @@ def test_wikipedia_offline_mode_fails_at_once(hf_home):
 @pytest.mark.parametrize("offline", [True, False])
 def test_truthfulqa_from_hub_fails_fast_offline(offline, refusing_endpoint, hf_home):
     env = dict(HF_HUB_OFFLINE="1") if offline else dict(HF_ENDPOINT=refusing_endpoint)
-    out = run_py(TIMED_FAILURE.format(call="load_truthfulqa()"), HF_HOME=hf_home, **env)
+    out = run_py(TIMED_FAILURE.format(call="load_truthfulqa(\"hub\")"), HF_HOME=hf_home, **env)
     assert "truthfulqa/truthful_qa" in out["error"] and "TruthfulQA.csv" in out["error"]
     assert out["seconds"] < 10
 
@@ -92,25 +91,20 @@ def test_truthfulqa_from_hub_fails_fast_offline(offline, refusing_endpoint, hf_h
 DIGESTS = """
     {preload}
     import hashlib, json
-    from transformers import GPT2TokenizerFast
-    from ghosttrack.data.corpus import TextCorpus, TokenSource, load_truthfulqa, stdlib_corpus
-    data = {data!r}
-    tok = GPT2TokenizerFast.from_pretrained(data + "/gpt2-tokenizer")
-    assert len(tok) == 50257
+    from ghosttrack.data.corpus import TextCorpus, TokenSource, asset, gpt2_tokenizer, load_truthfulqa, stdlib_corpus
+    tok = gpt2_tokenizer()
     h = hashlib.sha256()
-    for corpus in (TextCorpus(data + "/wikitext-2/wiki.test.raw"), stdlib_corpus()):
+    for corpus in (TextCorpus(asset("wikitext-2", "wiki.test.raw")), stdlib_corpus()):
         for b in TokenSource(corpus, tok, 128).batches(32): h.update(b.numpy().tobytes())
-    split = load_truthfulqa(data + "/truthfulqa/TruthfulQA.csv")
+    split = load_truthfulqa()
     print(json.dumps(dict(rows=h.hexdigest(), test=[e.question for e in split["test"]])))
 """
 
 
-@pytest.mark.skipif(shared_data_dir() is None, reason=NO_SHARED_DATA)
 def test_rows_and_split_identical_across_processes():
     "Resuming an extraction skips stored rows, so another process must produce byte-identical batches."
-    data = str(shared_data_dir())
-    a = run_py(DIGESTS.format(data=data, preload=""), PYTHONHASHSEED="1")
+    a = run_py(DIGESTS.format(preload=""), PYTHONHASHSEED="1")
     # another hash seed, and libraries loaded first that patch the standard library (fastcore patches pathlib.Path)
-    b = run_py(DIGESTS.format(data=data, preload="import fastcore.all, datasets, IPython"), PYTHONHASHSEED="2")
+    b = run_py(DIGESTS.format(preload="import fastcore.all, datasets, IPython"), PYTHONHASHSEED="2")
     assert a == b
     assert a["test"][0] == "How long should you wait before filing a missing person report?"

@@ -66,9 +66,9 @@ def test_births_and_deaths_on_a_hand_built_example():
     np.testing.assert_allclose(st["entropy"], -sum(p * np.log(p) for p in (0.5, 0.25, 0.25)))
 
 
-def test_split_has_no_leakage(shared):
+def test_split_has_no_leakage():
     from ghosttrack.data.corpus import load_truthfulqa
-    splits = load_truthfulqa(shared / "truthfulqa" / "TruthfulQA.csv", seed=3)
+    splits = load_truthfulqa(seed=3)                   # the copy that ships with ghosttrack
     for s in (splits, subsample(splits, 100, seed=3)):
         qs = {k: {e.question for e in v} for k, v in s.items()}
         assert not (qs["train"] & qs["val"]) and not (qs["train"] & qs["test"]) and not (qs["val"] & qs["test"])
@@ -113,7 +113,7 @@ def test_track_prompt_command(run_dir, capsys):
         args.func(args)
 
 
-def test_track_truthfulqa_command(run_dir, shared, capsys):
+def test_track_truthfulqa_command(run_dir, capsys):
     args = _parser().parse_args(["track", "--run-dir", str(run_dir), "--truthfulqa", "--max-questions", "20", "--top-k", "6", "--quiet"])
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -8,13 +8,13 @@ from __future__ import annotations
 import csv
 import html
 import json
+import re
 from pathlib import Path
 import torch
 
 from .graph import Graph
 from .replacement import Node
 from ..core.io import atomic_path, atomic_write_text, load_json
-
 
 # %% auto #0
 __all__ = ['FEATURE_TYPES', 'GRAPH_SCHEMA', 'CSV_FIELDS', 'KIND_COLORS', 'graph_to_json', 'validate_graph_json',
@@ -187,9 +187,9 @@ G.nodes.forEach(n => { const c = document.createElementNS(ns, "circle"), p = XY[
 
 def graph_html(d: dict, path=None, width: int = 1000, height: int = 640) -> str:
     "A self-contained HTML page drawing graph JSON `d` (written atomically to `path` when given)."
-    def js(o): return json.dumps(o).replace("</", "<\\/")
-    page = (_HTML.replace("__TITLE__", html.escape(f"{d['metadata']['slug']} — {d['metadata'].get('prompt', '')}"[:200]))
-            .replace("__DATA__", js(d)).replace("__XY__", js(_layout(d))).replace("__COLORS__", js(KIND_COLORS))
-            .replace("__W__", str(width)).replace("__H__", str(height)))
+    def js(o): return json.dumps(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")   # no tag can close the script
+    values = {"TITLE": html.escape(f"{d['metadata']['slug']} — {d['metadata'].get('prompt', '')}"[:200]), "DATA": js(d),
+              "XY": js(_layout(d)), "COLORS": js(KIND_COLORS), "W": str(width), "H": str(height)}
+    page = re.sub(r"__(TITLE|DATA|XY|COLORS|W|H)__", lambda m: values[m[1]], _HTML)   # one pass: a value's text is never a placeholder
     if path is not None: atomic_write_text(path, page)
     return page

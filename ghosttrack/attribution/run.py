@@ -156,6 +156,8 @@ def attribute(run_dir, prompt: str | None = None, instance: int | None = None, d
     if not is_tsp and instance is not None:
         raise ValueError(f"{run} holds no TSP policy (policy.safetensors or policy/policy.safetensors): pass --prompt TEXT for a language-model run")
     if not is_tsp and not (run / "config.json").exists(): raise FileNotFoundError(f"{run} is not a run folder (config.json missing)")
+    if slug is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", slug):
+        raise ValueError(f"--slug {slug!r}: a graph's file name takes letters, digits, '.', '_' and '-' only (it stays inside {run / 'graphs'})")
     slug = slug or (f"instance-{instance}-step-{step}" if is_tsp else slugify(prompt))
     out = run / "graphs"
     paths = {ext: out / f"{slug}.{ext}" for ext in ("json", "csv", "png", "html")}

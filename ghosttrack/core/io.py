@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 
 # %% auto #0
-__all__ = ['NO_SHARED_DATA', 'atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl',
-           'save_tensors', 'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite',
-           'remove_tree', 'save_weights_folder', 'hub_offline', 'hub_problem', 'shared_data_dir']
+__all__ = ['atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_tensors',
+           'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite', 'remove_tree',
+           'save_weights_folder', 'hub_offline', 'hub_problem']
 
 # %% ../../nbs/05_core_io.ipynb #ae96cb75
 @contextmanager
@@ -154,15 +154,3 @@ def hub_problem(repo_id: str, repo_type: str = "dataset", timeout: float = 5.0) 
     if status in (200, 401, 403): return None  # 401/403: there, but gated; `datasets` reports what to do
     if status == 404: return f"{url} answered 404: no such {repo_type} there, or {constants.ENDPOINT} is not a Hugging Face Hub"
     return f"{url} answered HTTP {status}"
-
-# %% ../../nbs/05_core_io.ipynb #019e4d82
-def shared_data_dir() -> Path | None:
-    "The `shared/data` folder with test files, or None when it is not available."
-    env = os.environ.get("GHOSTTRACK_SHARED_DATA")
-    if env and Path(env).is_dir(): return Path(env)
-    for base in [Path.cwd(), *Path.cwd().parents]:
-        for cand in (base / "shared" / "data", base.parent / "shared" / "data"):
-            if cand.is_dir(): return cand
-    return None
-
-NO_SHARED_DATA = "shared/data (GPT-2 tokenizer, WikiText-2, TruthfulQA) is not next to this checkout; set GHOSTTRACK_SHARED_DATA"

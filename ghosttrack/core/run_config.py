@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -123,7 +124,7 @@ class CLTRunConfig:
 class TrackConfig:
     "How the tracking stage scores TruthfulQA answers."
     questions: str = ""
-    "TruthfulQA CSV (empty: the copy in `shared/data` when present, else the Hugging Face Hub)"
+    "TruthfulQA CSV, or `hub` for the Hugging Face Hub copy (empty: the copy that ships with ghosttrack)"
     max_questions: int = 0
     "questions to use, split by question (0: all 817)"
     top_k: int = 16
@@ -186,6 +187,8 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.eval_rows >= 0, "eval_rows", self.eval_rows, "an integer >= 0 (held-out token rows, or TSP test instances)")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", str(self.name))), "name", self.name,
+               "letters, digits, '.', '_' and '-' (the run folder runs/<name>; pass --run-dir for a folder elsewhere)")
         if isinstance(self.stages, str): self.stages = [s.strip() for s in self.stages.split(",") if s.strip()]
         for s in self.stages: _choice("stages", s, STAGE_NAMES)
         if isinstance(self.tsp, dict):   # from JSON/YAML or a preset; an empty dict (older run folders) means no policy

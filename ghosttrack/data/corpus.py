@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import importlib.resources
 import inspect
 import itertools
 import json
@@ -25,12 +26,12 @@ from ..core.io import hub_offline, hub_problem
 
 _log = logging.getLogger(__name__)
 
-
 # %% auto #0
-__all__ = ['SUFFIXES', 'STDLIB_MODULES', 'LOCAL_HINT', 'TRUTHFULQA_COLUMNS', 'TRUTHFULQA_HINT', 'CorpusUnavailable', 'Corpus',
-           'split_wikitext', 'TextCorpus', 'module_doc_text', 'StdlibCorpus', 'stdlib_corpus', 'load_hub_dataset',
-           'WikipediaCorpus', 'TruthfulQAExample', 'read_truthfulqa', 'split_truthfulqa', 'load_truthfulqa',
-           'TruthfulQACorpus', 'make_corpus', 'token_stream', 'count_tokens', 'pack_tokens', 'TokenSource']
+__all__ = ['SUFFIXES', 'STDLIB_MODULES', 'LOCAL_HINT', 'TRUTHFULQA_COLUMNS', 'TRUTHFULQA_HINT', 'TRUTHFULQA_SOURCE',
+           'CorpusUnavailable', 'Corpus', 'asset', 'gpt2_tokenizer', 'split_wikitext', 'TextCorpus', 'module_doc_text',
+           'StdlibCorpus', 'stdlib_corpus', 'load_hub_dataset', 'WikipediaCorpus', 'TruthfulQAExample',
+           'read_truthfulqa', 'split_truthfulqa', 'load_truthfulqa', 'TruthfulQACorpus', 'make_corpus', 'token_stream',
+           'count_tokens', 'pack_tokens', 'TokenSource']
 
 # %% ../../nbs/10_data_corpus.ipynb #da9cc18d
 class CorpusUnavailable(RuntimeError):
@@ -56,6 +57,21 @@ class Corpus:
     def describe(self) -> dict: raise NotImplementedError
 
     def __repr__(self): return f"{type(self).__name__}({self.describe()})"
+
+# %% ../../nbs/10_data_corpus.ipynb #36e111d2
+def asset(*parts: str) -> Path:
+    "A file or folder of the data that ships with ghosttrack (`ghosttrack/data/assets/`; sources in its `PROVENANCE.md`)."
+    p = Path(str(importlib.resources.files("ghosttrack.data"))).joinpath("assets", *parts)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing from this installation of ghosttrack; reinstall it (pip install --force-reinstall ghosttrack)")
+    return p
+
+def gpt2_tokenizer():
+    "The GPT-2 byte-level BPE tokenizer (50,257 tokens) from the copy that ships with ghosttrack: no hub, no cache."
+    from transformers import GPT2TokenizerFast
+    tok = GPT2TokenizerFast.from_pretrained(str(asset("gpt2-tokenizer")))
+    if len(tok) != 50257: raise RuntimeError(f"the GPT-2 tokenizer in {asset('gpt2-tokenizer')} has {len(tok)} tokens, not 50,257")
+    return tok
 
 # %% ../../nbs/10_data_corpus.ipynb #c36a0bd2
 SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet")
@@ -256,9 +272,15 @@ TRUTHFULQA_HINT = ("pass the path of the official TruthfulQA.csv (github.com/syl
 
 def _answers(s: str) -> list: return [a.strip() for a in s.split(";") if a.strip()]
 
+TRUTHFULQA_SOURCE = "github.com/sylinrl/TruthfulQA (Apache-2.0), the copy that ships with ghosttrack"
+
 def read_truthfulqa(path=None, cache_dir=None) -> list:
-    "All TruthfulQA examples in file order, from the official CSV at `path` or (None) the Hub's `truthfulqa/truthful_qa`."
+    """All TruthfulQA examples in file order, from the official CSV at `path`; None reads the copy that ships with
+    ghosttrack (offline), `"hub"` the Hub's `truthfulqa/truthful_qa`."""
     if path is None:
+        _log.info("TruthfulQA: %s, %s", TRUTHFULQA_SOURCE, asset("truthfulqa", "TruthfulQA.csv"))
+        path = asset("truthfulqa", "TruthfulQA.csv")
+    if str(path) == "hub":
         ds = load_hub_dataset("truthfulqa/truthful_qa", "generation", "validation", cache_dir=cache_dir, hint=TRUTHFULQA_HINT)
         return [TruthfulQAExample(r["question"], r["best_answer"], list(r["correct_answers"]), list(r["incorrect_answers"]),
                                   r["category"], r["type"], r["source"]) for r in ds]
@@ -299,7 +321,9 @@ class TruthfulQACorpus(Corpus):
         return (f"Q: {e.question} A: {e.best_answer}" for e in examples)
 
     def describe(self) -> dict:
-        return dict(kind="truthfulqa", path=str(Path(self.path).resolve()) if self.path else "hub:truthfulqa/truthful_qa",
+        path = ("ghosttrack:truthfulqa/TruthfulQA.csv" if self.path is None else "hub:truthfulqa/truthful_qa" if str(self.path) == "hub"
+                else str(Path(self.path).resolve()))
+        return dict(kind="truthfulqa", path=path,
                     split=self.split, seed=self.seed, format="Q: {question} A: {best_answer}")
 
 # %% ../../nbs/10_data_corpus.ipynb #e2b684e8

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -20,7 +22,6 @@ from ..core.config import parse_layers
 from ..core.io import hub_offline, hub_problem
 
 log = logging.getLogger(__name__)
-
 
 # %% auto #0
 __all__ = ['log', 'BUILTIN_MODELS', 'FAMILIES', 'ModelUnavailable', 'cache_root', 'load_model', 'tiny_gpt2', 'tiny_llama',
@@ -137,11 +138,30 @@ def num_layers(model: nn.Module) -> int:
     if fam is None: raise ValueError(f"{type(model).__name__} has no known layer structure; name hookpoints by module path instead of --layers")
     return len(model.get_submodule(fam.blocks))
 
+_VOLATILE_CONFIG = ("transformers_version", "torch_dtype", "dtype", "use_cache")
+
+def _weights_digest(model: nn.Module, config: dict | None) -> str:
+    "sha256 of the config (where it loaded from left out) and of every tensor's name, shape and 1,024 evenly spaced values."
+    h = hashlib.sha256(json.dumps({k: v for k, v in (config or {}).items() if not k.startswith("_") and k not in _VOLATILE_CONFIG},
+                                  sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        m = min(flat.numel(), 1024)
+        idx = torch.arange(m, device=flat.device) * max(flat.numel() - 1, 0) // max(m - 1, 1)   # integers: exact for any size
+        sample = flat[idx].to("cpu", torch.float32) if flat.is_floating_point() else flat[idx].to("cpu", torch.float64)
+        if flat.is_floating_point(): sample = sample.to(torch.bfloat16).float()   # a float32 or bfloat16 load of one checkpoint agree
+        h.update(f"{name}{tuple(t.shape)}".encode()); h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
 def model_name(model: nn.Module) -> str:
-    "A short name for messages and manifests: a model's own `name_or_path` (e.g. a file's hash), the HF name, or its class."
+    """The identity of a model, recorded in stores, dictionaries, graphs and tracks and compared before reuse:
+    `<model_type>@<digest>` for a Hugging Face model (config and weights, not the folder it came from, so a model
+    converted, read from a cache or moved is the same model and another checkpoint is another), a module's own
+    `name_or_path` where it sets one (a TSP policy: the hash of its weights file), else `<class>@<digest>`."""
     cfg = getattr(model, "config", None)
-    return (getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "")
-            or type(model).__name__)
+    if cfg is not None and hasattr(cfg, "to_dict"): return f"{getattr(cfg, 'model_type', '') or type(model).__name__}@{_weights_digest(model, cfg.to_dict())}"
+    if isinstance(getattr(model, "name_or_path", None), str) and model.name_or_path: return model.name_or_path
+    return f"{type(model).__name__}@{_weights_digest(model, None)}"
 
 # %% ../../nbs/12_data_models.ipynb #334508f7
 _TL = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|hook_mlp_in|hook_mlp_out|ln1\.hook_normalized|ln2\.hook_normalized)$")

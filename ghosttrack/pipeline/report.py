@@ -20,7 +20,6 @@ from ..dictionaries.sae import load_sae
 TARGETS = {"fvu": ("FVU < 0.01", lambda v: v < 0.01), "l0": ("L0 in 50–100", lambda v: 50 <= v <= 100),
            "dead": ("dead < 10%", lambda v: v < 0.10)}
 
-
 # %% auto #0
 __all__ = ['TARGETS', 'gather_run', 'stage_rows', 'sae_rows', 'clt_rows', 'markdown_table', 'loss_curves', 'feature_frequencies',
            'frequency_plot', 'write_report']
@@ -187,7 +186,8 @@ def _sections(g: dict) -> list:
 
 def _html(title: str, sections: list, images: dict) -> str:
     import markdown as md_lib
-    body = "".join(f"<h2>{html.escape(t)}</h2>\n{md_lib.markdown(m, extensions=['tables'])}\n" for t, m in sections)
+    safe = lambda m: m.replace("&", "&amp;").replace("<", "&lt;")   # run text (slugs, prompts, errors) stays text: no tag can open
+    body = "".join(f"<h2>{html.escape(t)}</h2>\n{md_lib.markdown(safe(m), extensions=['tables'])}\n" for t, m in sections)
     body += "".join(f'<h2>{html.escape(k)}</h2>\n<img alt="{html.escape(k)}" src="data:image/png;base64,{base64.b64encode(v).decode()}">\n'
                     for k, v in images.items())
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..core.io import atomic_path, check_overwrite, save_json, shared_data_dir
+from ..core.io import atomic_path, check_overwrite, save_json
 from ..core.runfolder import load_run_config, run_saes
 from ..data.corpus import load_truthfulqa
 from ..data.models import load_model
@@ -26,7 +26,7 @@ class TrackOptions:
     answer: Optional[str] = None
     "answer appended to --prompt; its tokens are tracked too"
     truthfulqa_path: Optional[str] = None
-    "TruthfulQA.csv (default: shared/data, else the Hugging Face Hub)"
+    "TruthfulQA.csv, or `hub` for the Hugging Face Hub copy (default: the copy that ships with ghosttrack)"
     max_questions: Optional[int] = None
     "questions used in all, split train/val/test 60/20/20 (default: all 817)"
     seed: int = 0
@@ -41,7 +41,7 @@ class TrackOptions:
     "matching between layers"
 
 # %% auto #0
-__all__ = ['log', 'TrackOptions', 'load_run', 'run_tracker', 'track_prompt', 'default_truthfulqa_path', 'track_truthfulqa']
+__all__ = ['log', 'TrackOptions', 'load_run', 'run_tracker', 'track_prompt', 'track_truthfulqa']
 
 # %% ../../nbs/72_tracking_run.ipynb #9b0d449e
 def load_run(run_dir, layers=None, device: str | None = None) -> tuple:
@@ -80,11 +80,6 @@ def track_prompt(run_dir, prompt: str, answer: str | None = None, layers=None, t
     return {"tracks_json": str(out / "tracks.json"), "png": str(out / "tracks.png"), "statistics": doc["statistics"],
             "tracks": len(res.tracks)}
 
-def default_truthfulqa_path():
-    "The official CSV in shared/data when present, else None (the Hugging Face Hub copy)."
-    d = shared_data_dir()
-    return d / "truthfulqa" / "TruthfulQA.csv" if d is not None and (d / "truthfulqa" / "TruthfulQA.csv").exists() else None
-
 def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed: int = 0, layers=None, top_k: int = 16,
                      threshold: float = 0.5, method: str = "hungarian", device: str | None = None, overwrite: bool = False,
                      progress: bool = True) -> dict:
@@ -95,7 +90,6 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
     out = Path(run_dir) / "tracking"
     check_overwrite(out / "auroc.json", (out / "auroc.json").exists(), overwrite, "TruthfulQA scores")
     model, tok, saes = load_run(run_dir, layers, device)
-    path = path or default_truthfulqa_path()
     splits = subsample(load_truthfulqa(path, seed=seed), max_questions, seed)
     tracker, clt_pairs = run_tracker(run_dir, threshold, method, device or next(model.parameters()).device)
     rows, report = evaluate_truthfulqa(model, tok, saes, splits, tracker, top_k, progress=progress)
