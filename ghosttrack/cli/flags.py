@@ -14,6 +14,7 @@ from pathlib import Path
 from ..core.config import (DTYPES, CorpusConfig, ExtractConfig, PerfConfig, SAEConfig, TrainConfig, field_docs)
 from ..core.presets import get_preset
 from ..core.registry import ARCHITECTURES
+from ..data.models import check_device
 from ..core.run_config import (AttributeConfig, CLTRunConfig, RunConfig, TrackConfig, apply_overrides,
                                         device_overrides, load_config)
 
@@ -100,7 +101,9 @@ def resolve_config(args, default_preset: str | None = None) -> RunConfig:
     sets = config_sets(args)
     if getattr(args, "device", None): sets += device_overrides(cfg, args.device)
     if getattr(args, "stages", None): sets.append(f"stages={args.stages}")
-    return apply_overrides(cfg, sets + list(getattr(args, "set", [])))
+    cfg = apply_overrides(cfg, sets + list(getattr(args, "set", [])))
+    for device in {cfg.extract.device, cfg.train.device} | ({cfg.tsp.device} if cfg.tsp else set()): check_device(device)
+    return cfg
 
 # %% ../../nbs/91_cli_flags.ipynb #b48415fb
 def _comma_list(tp):

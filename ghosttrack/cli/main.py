@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -19,6 +20,7 @@ from .tsp import add_tsp_commands
 from ..core.config import ConfigError
 from ..core.io import ArtifactExists
 from ..core.presets import PRESETS, get_preset
+from ..data.models import check_device
 from ..dictionaries.trainer import init_distributed
 from ..pipeline.runner import run_stages, run_summary
 
@@ -57,6 +59,14 @@ def job_stages(command: str, cfg, extract_only: bool = False, train_only: bool =
     stages = (["extract"] if extract and not cfg.stream else []) + (["train"] + (["evaluate"] if cfg.eval_rows else []) if train else [])
     return cfg, stages
 
+def error_line(e: BaseException) -> str:
+    "One line for an expected failure: its message, with what to do for the failures of the machine itself."
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC: return f"{msg}: the disk is full; free space or pass --run-dir on another disk, then rerun to resume"
+    if isinstance(e, PermissionError): return f"{msg}: no permission; choose a folder you can write (--run-dir) or fix its permissions"
+    if isinstance(e, UnicodeDecodeError): return f"{msg}: a file is not UTF-8 text"
+    return msg
+
 def main(argv=None) -> int:
     "Entry point of the `ghosttrack` command."
     args = build_parser().parse_args(argv)
@@ -65,6 +75,7 @@ def main(argv=None) -> int:
         if args.command == "presets":
             for name, p in PRESETS.items(): print(f"{name}: {json.dumps(p | {'stages': get_preset(name).stages})}")
             return 0
+        if getattr(args, "device", None): check_device(args.device)
         if hasattr(args, "func"): return args.func(args)
         cfg = resolve_config(args, "demo" if args.command == "run" else None)
         if args.command == "run":
@@ -76,14 +87,15 @@ def main(argv=None) -> int:
         run_stages(cfg, stages, overwrite=args.overwrite, notebooks=False, progress=not args.quiet)
         print(run_summary(cfg.run_path))
         return 0
-    except (ConfigError, ArtifactExists, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, ArtifactExists, OSError, ValueError, RuntimeError, StopIteration) as e:
         if getattr(args, "debug", False): raise
-        print(f"ghosttrack {args.command}: error: {e}", file=sys.stderr)
+        print(f"ghosttrack {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 
+
 # %% auto #0
-__all__ = ['build_parser', 'job_stages', 'main']
+__all__ = ['build_parser', 'job_stages', 'error_line', 'main']

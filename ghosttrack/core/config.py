@@ -47,9 +47,12 @@ class CorpusConfig:
     "language code of the Wikipedia dump"
     wikipedia_date: str = "20231101"
     "date of the Wikipedia dump (`wikimedia/wikipedia` config `<date>.<language>`)"
+    encoding_errors: str = "strict"
+    "local text files that are not valid UTF-8: `strict` stops and names the file, `replace` reads bad bytes as �"
 
     def __post_init__(self):
         _check(self.context_len >= 2, "context_len", self.context_len, "an integer >= 2")
+        _choice("corpus.encoding_errors", self.encoding_errors, ("strict", "replace"))
         _check(self.min_chars >= 0, "min_chars", self.min_chars, "an integer >= 0")
         head = self.source.split(":", 1)[0]
         _choice("corpus.source", head, ("wikipedia", "stdlib", "text", "truthfulqa"))
@@ -236,17 +239,34 @@ def config_from_dict(cls, d: dict, _where: str = ""):
     kw = {}
     for k, v in d.items():
         sub = hints.get(k)
-        kw[k] = config_from_dict(sub, v, f"{where}.{k}") if dataclasses.is_dataclass(sub) and isinstance(v, dict) else v
+        kw[k] = (config_from_dict(sub, v, f"{where}.{k}") if dataclasses.is_dataclass(sub) and isinstance(v, dict)
+                 else _typed(v, sub, k if where == "RunConfig" else f"{where.removeprefix('RunConfig.')}.{k}"))
     return cls(**kw)
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+def _typed(v, tp, name: str):
+    "`v` as a value of the plain type `tp` (int, float, bool, str), or a `ConfigError` that names the field; other types pass."
+    if tp not in _KINDS or v is None: return v
+    if tp is str: return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _ok(v, isinstance(v, str), tp, name)
+    if tp is bool: return _ok(v, isinstance(v, bool), tp, name)
+    if tp is int: return _ok(v, isinstance(v, int) and not isinstance(v, bool), tp, name)
+    return float(_ok(v, isinstance(v, (int, float)) and not isinstance(v, bool), tp, name))
+
+def _ok(v, good: bool, tp, name: str):
+    if not good: raise ConfigError(f"{name}={v!r}: expected {_KINDS[tp]}")
+    return v
 
 def read_config_file(path) -> dict:
     "The mapping in a JSON or YAML (`.yaml`/`.yml`) config file."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e: raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
-        d = yaml.safe_load(text)
+        try: d = yaml.safe_load(text)
+        except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     else:
         try: d = json.loads(text)
         except json.JSONDecodeError as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None

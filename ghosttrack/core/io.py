@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
 # %% auto #0
 __all__ = ['atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_tensors',
            'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite', 'remove_tree',
@@ -89,11 +88,19 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> str:
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
     return sha256_file(path)
 
-def load_tensors(path, device: str = "cpu") -> dict:
-    "Load a safetensors file as a dict of tensors."
+def load_tensors(path, device: str = "cpu", finite: bool = False) -> dict:
+    """Load a safetensors file as a dict of tensors; a damaged file is an error that names it. With `finite`, weights
+    holding NaN or infinite values are refused too (a dictionary or policy that trained into NaN)."""
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path} does not exist")
-    return load_file(str(path), device=device)
+    try: tensors = load_file(str(path), device=device)
+    except Exception as e: raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())}); it is damaged or "
+                                            "was not fully written: rerun the step that makes it with --overwrite") from None
+    if finite:
+        for k, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{path}: {k!r} holds NaN or infinite values; these weights are broken: retrain them with --overwrite")
+    return tensors
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     "Hex sha256 of a file's bytes."

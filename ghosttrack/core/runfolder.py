@@ -15,8 +15,8 @@ from .io import load_json
 from .run_config import RunConfig, load_config
 
 # %% auto #0
-__all__ = ['activations_dir', 'saes_dir', 'policy_dir', 'load_run_config', 'open_run', 'layer_of', 'stores_in', 'run_saes',
-           'find_dictionaries', 'policy_folder']
+__all__ = ['activations_dir', 'saes_dir', 'policy_dir', 'load_run_config', 'portable', 'save_run_config', 'open_run', 'layer_of',
+           'stores_in', 'run_saes', 'find_dictionaries', 'policy_folder']
 
 # %% ../../nbs/06_core_runfolder.ipynb #161d0a44
 def activations_dir(cfg: RunConfig) -> Path:
@@ -42,12 +42,24 @@ def load_run_config(run_dir) -> RunConfig:
         raise FileNotFoundError(f"{run} is not a run folder (config.json missing); pass the --run-dir of a `ghosttrack run`")
     return dataclasses.replace(load_config(run / "config.json"), run_dir=str(run))
 
+def portable(cfg: RunConfig) -> RunConfig:
+    """`cfg` as its run folder records it: the folder itself and the folders inside it left implicit (`run_dir`,
+    `cache_dir`, `save_dir` empty when they are the run's own), so a copied or moved run works on its own and never
+    touches the original. A store or SAE folder outside the run stays an absolute path."""
+    run = cfg.run_path.resolve()
+    def own(p, default): return "" if not p or Path(p).resolve() == (run / default) else str(Path(p).resolve())
+    return dataclasses.replace(cfg, run_dir="", cache_dir=own(str(activations_dir(cfg)), "activations"), save_dir=own(cfg.save_dir, "saes"))
+
+def save_run_config(cfg: RunConfig) -> Path:
+    "Write the run's `config.json` (its `portable` form)."
+    return save_config(portable(cfg), cfg.run_path / "config.json")
+
 def open_run(cfg: RunConfig) -> RunConfig:
     """Create the run folder and return the resolved config (activation root made absolute); write it as
     `config.json` unless one is there, so an unfinished run is described too. Save it again after a success."""
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     resolved = dataclasses.replace(cfg, cache_dir=str(activations_dir(cfg).resolve()))
-    if not (cfg.run_path / "config.json").exists(): save_config(resolved, cfg.run_path / "config.json")
+    if not (cfg.run_path / "config.json").exists(): save_run_config(resolved)
     return resolved
 
 # %% ../../nbs/06_core_runfolder.ipynb #884e8637

@@ -101,8 +101,8 @@ def _expand_paths(paths) -> list:
         else: files.append(p)
     return files
 
-def _read_jsonl(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+def _read_jsonl(path: Path, errors: str = "strict") -> Iterator[str]:
+    with open(path, encoding="utf-8", errors=errors) as f:
         for i, line in enumerate(f, 1):
             if not line.strip(): continue
             try: rec = json.loads(line)
@@ -126,21 +126,25 @@ def _read_parquet(path: Path) -> Iterator[str]:
 
 class TextCorpus(Corpus):
     "Texts from local .txt (plain or WikiText), .jsonl and .parquet files or folders of them."
-    def __init__(self, paths, min_chars: int = 0):
+    def __init__(self, paths, min_chars: int = 0, errors: str = "strict"):
         if isinstance(paths, (str, Path)): paths = [paths]
         if not paths: raise ValueError("TextCorpus needs at least one path, e.g. TextCorpus('data/wiki.test.raw')")
-        self.paths, self.min_chars = [Path(p).expanduser() for p in paths], min_chars
+        self.paths, self.min_chars, self.errors = [Path(p).expanduser() for p in paths], min_chars, errors
         self.files = _expand_paths(self.paths)
 
     def _texts(self) -> Iterator[str]:
         for f in self.files:
-            if f.suffix == ".jsonl": yield from _read_jsonl(f)
-            elif f.suffix == ".parquet": yield from _read_parquet(f)
-            else: yield from split_wikitext(f.read_text(encoding="utf-8"))
+            try:
+                if f.suffix == ".jsonl": yield from _read_jsonl(f, self.errors)
+                elif f.suffix == ".parquet": yield from _read_parquet(f)
+                else: yield from split_wikitext(f.read_text(encoding="utf-8", errors=self.errors))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{f}: not UTF-8 text ({e.reason}, byte {e.start}); convert it to UTF-8, or read bad bytes as "
+                                 "\N{REPLACEMENT CHARACTER} with --set corpus.encoding_errors=replace") from None
 
     def describe(self) -> dict:
-        return dict(kind="text", paths=[str(p.resolve()) for p in self.paths],
-                    files=[str(f.resolve()) for f in self.files], min_chars=self.min_chars)
+        return dict(kind="text", paths=[str(p.resolve()) for p in self.paths], files=[str(f.resolve()) for f in self.files],
+                    min_chars=self.min_chars) | ({"encoding_errors": self.errors} if self.errors != "strict" else {})
 
 # %% ../../nbs/10_data_corpus.ipynb #25414d4f
 STDLIB_MODULES = (
@@ -335,7 +339,7 @@ def make_corpus(cfg: CorpusConfig, cache_dir=None) -> Corpus:
     if head == "wikipedia":
         return WikipediaCorpus(cache_dir, language=cfg.wikipedia_language, date=cfg.wikipedia_date, min_chars=cfg.min_chars)
     if head == "stdlib": return stdlib_corpus(min_chars=cfg.min_chars)
-    if head == "text": return TextCorpus([p for p in rest.split(",") if p], min_chars=cfg.min_chars)
+    if head == "text": return TextCorpus([p for p in rest.split(",") if p], min_chars=cfg.min_chars, errors=cfg.encoding_errors)
     if head == "truthfulqa": return TruthfulQACorpus(rest or None, cache_dir=cache_dir)
     raise ConfigError(f"corpus.source={cfg.source!r}: expected wikipedia, stdlib, text:PATH[,PATH...] or truthfulqa[:PATH]")
 

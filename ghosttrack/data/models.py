@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'BUILTIN_MODELS', 'FAMILIES', 'ModelUnavailable', 'cache_root', 'load_model', 'tiny_gpt2', 'tiny_llama',
-           'Family', 'model_family', 'num_layers', 'model_name', 'Hookpoint', 'resolve_hookpoint', 'layer_hookpoints',
-           'hooked', 'forward', 'capture_activations', 'patch_hookpoint']
+           'Family', 'model_family', 'check_device', 'max_positions', 'num_layers', 'model_name', 'Hookpoint',
+           'resolve_hookpoint', 'layer_hookpoints', 'hooked', 'forward', 'capture_activations', 'patch_hookpoint']
 
 # %% ../../nbs/12_data_models.ipynb #86460f6a
 class ModelUnavailable(RuntimeError):
@@ -130,6 +130,22 @@ def model_family(model: nn.Module) -> Family | None:
     "The `Family` of a Hugging Face model, or None for other modules."
     mt = getattr(getattr(model, "config", None), "model_type", None)
     return FAMILIES.get(mt)
+
+def check_device(device) -> None:
+    "Refuse a device this machine does not have, with a line that says what to use instead."
+    try: d = torch.device(device)
+    except RuntimeError as e: raise ValueError(f"device {device!r}: {' '.join(str(e).split())}; use cpu, cuda, cuda:1 or mps") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {device!r}: {why}; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 …)")
+    if d.type == "mps" and not torch.backends.mps.is_available(): raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
+
+def max_positions(model: nn.Module) -> int | None:
+    "The longest input a language model takes (its position embeddings), or None when it does not say."
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 def num_layers(model: nn.Module) -> int:
     "Number of blocks (or of residual hookpoints for a module that lists them)."

@@ -21,7 +21,6 @@ from .models import capture_activations, model_name, layer_hookpoints
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
-
 # %% auto #0
 __all__ = ['log', 'FORMAT_VERSION', 'hook_dirname', 'StoreWriter', 'store_stats', 'extract_activations', 'RandomTokens',
            'ActivationStore', 'load_hidden_states', 'train_rows', 'ActivationDataset', 'HiddenStateExtractor']
@@ -157,12 +156,13 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
     Resumes an unfinished store; reuses a finished one made with the same settings. Returns `{hookpoint: folder}`."""
     root, device = Path(root), device or next(model.parameters()).device
     folders = {h: root / hook_dirname(h) for h in hookpoints}
-    if overwrite:
-        for f in folders.values(): remove_tree(f)
-    probe = next(iter(source.batches(1)))
+    probe = next(iter(source.batches(1)), None)       # check the input and the model before anything is replaced
+    if probe is None: raise ValueError(f"the input yields no rows, nothing to extract: {_describe(source)}")
     tokens_in = not probe.is_floating_point() and probe.ndim == 2
     if skip_first is None: skip_first = 1 if tokens_in else 0
     d = {h: a.shape[-1] for h, a in capture_activations(model, probe.to(device), hookpoints, stop_early).items()}
+    if overwrite:
+        for f in folders.values(): remove_tree(f)
     writers = {}
     for h, f in folders.items():
         head = _header(model, h, d[h], source, batch_size, shard_tokens, dtype, num_tokens, skip_first)
@@ -170,6 +170,8 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
             old = load_json(f / "manifest.json")
             if not _check_same(f, old, head, overwrite): remove_tree(f)
             elif old.get("complete"):
+                try: ActivationStore(f)                          # every shard checked against its sha256 before reuse
+                except (FileNotFoundError, ValueError) as e: raise ValueError(f"{e}; pass --overwrite to extract {h} again") from None
                 log.info("%s: already extracted (%d rows), reusing", h, old["num_tokens"]); continue
         writers[h] = StoreWriter(f, head, shard_tokens)
     if not writers: return folders
@@ -188,6 +190,14 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
     for w in writers.values(): w.close()
     return folders
 
+def _describe(source) -> str:
+    "A short name of an input for messages: its corpus kind and files."
+    try: d = source.describe() if hasattr(source, "describe") else {}
+    except Exception: d = {}
+    c = d.get("corpus", d) if isinstance(d, dict) else {}
+    what = " ".join(str(p) for p in [c.get("kind", type(source).__name__), *c.get("paths", [])][:4])
+    return what + (f" (texts shorter than min_chars={c['min_chars']} are skipped)" if c.get("min_chars") else "")
+
 def _extract_loop(model, source, writers, batch_size, skip_first, tokens_in, done, num_tokens, stored_dtype, device, stop_early, bar) -> int:
     "The forward passes of `extract_activations`; returns the input position reached."
     pos, t0, new = 0, time.time(), 0
@@ -200,6 +210,10 @@ def _extract_loop(model, source, writers, batch_size, skip_first, tokens_in, don
         for h, w in writers.items():
             a = acts[h][:, skip_first:] if acts[h].ndim >= 3 else acts[h]
             a = a.reshape(-1, a.shape[-1])[skip:take]
+            if not torch.isfinite(a).all():
+                bad = (~torch.isfinite(a)).any(-1).nonzero()[0, 0].item() + pos + skip
+                raise ValueError(f"{h}: the model produced NaN or infinite activations (first at row {bad:,}); nothing past row {done + new:,} "
+                                 "is stored. Check the model's weights and dtype (float16 overflows: try --dtype float32 or bfloat16)")
             w.add(a.to(device="cpu", dtype=stored_dtype), ids)
         pos += rows_in_batch; new += take - skip
         bar.update(take - skip)

@@ -23,7 +23,6 @@ from .trainer import Trainer, prepare_training
 
 log = logging.getLogger(__name__)
 
-
 # %% auto #0
 __all__ = ['log', 'PAIRS_FILE', 'NORMALIZATIONS', 'CLT_CLASSES', 'CLT_CFG_FILENAME', 'CLT_WEIGHTS_FILENAME', 'LayerPair',
            'parse_layer_pairs', 'collect_pairs', 'load_pairs', 'PairedDataset', 'CLTConfig', 'normalization_stats',
@@ -305,7 +304,7 @@ def load_clt(path, device: str = "cpu"):
     if d.get("kind") != "pairwise_clt":
         raise ValueError(f"{cfg_path} describes a {d.get('kind') or d.get('architecture')!r}, not a pairwise CLT; load SAEs with load_sae")
     clt = make_clt(config_from_dict(CLTConfig, d["ghosttrack"]))
-    return clt.load_saelens_tensors_(load_tensors(path / CLT_WEIGHTS_FILENAME), path / CLT_WEIGHTS_FILENAME).to(device)
+    return clt.load_saelens_tensors_(load_tensors(path / CLT_WEIGHTS_FILENAME, finite=True), path / CLT_WEIGHTS_FILENAME).to(device)
 
 # %% ../../nbs/30_dict_clt.ipynb #a8baf633
 @dataclass

@@ -21,7 +21,6 @@ from .clt import CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, 
 from .sae import JumpReLUFn, JumpReLUSAE, SAEOutput, TopKSAE, geometric_median
 from .trainer import prepare_training, Trainer
 
-
 # %% auto #0
 __all__ = ['MULTI_CFG_FILENAME', 'MULTI_WEIGHTS_FILENAME', 'MultiLayerCLTConfig', 'memory_estimate', 'MultiLayerCLT',
            'save_multilayer_clt', 'load_multilayer_clt', 'multilayer_hookpoints', 'causal_linear_baseline',
@@ -216,7 +215,7 @@ def load_multilayer_clt(path, device: str = "cpu") -> MultiLayerCLT:
     d = load_json(cfg_path)
     if d.get("kind") != "multilayer_clt": raise ValueError(f"{cfg_path} describes a {d.get('kind')!r}, not a multi-layer CLT; use load_clt")
     clt = MultiLayerCLT(config_from_dict(MultiLayerCLTConfig, d["ghosttrack"]))
-    clt.load_state_dict(load_tensors(path / MULTI_WEIGHTS_FILENAME))
+    clt.load_state_dict(load_tensors(path / MULTI_WEIGHTS_FILENAME, finite=True))
     return clt.to(device)
 
 def multilayer_hookpoints(model, layers=None) -> tuple[list, list]:

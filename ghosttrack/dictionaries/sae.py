@@ -388,7 +388,7 @@ def load_sae(path, device: str = "cpu") -> SAE:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: {path} is not a finished SAE folder (save_sae writes cfg.json last)")
     d = load_json(cfg_path)
-    tensors = load_tensors(weights_path)
+    tensors = load_tensors(weights_path, finite=True)
     if d.get("rescale_acts_by_decoder_norm") and "W_dec" in tensors:   # fold SAELens's decoder-norm scaling into the weights
         norm_F = tensors["W_dec"].norm(dim=1)
         tensors.update(W_enc=tensors["W_enc"] * norm_F, b_enc=tensors["b_enc"] * norm_F, W_dec=tensors["W_dec"] / norm_F[:, None])

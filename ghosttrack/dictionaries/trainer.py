@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -26,7 +27,6 @@ from ..data.store import ActivationDataset
 from .sae import make_sae, save_sae
 
 log = logging.getLogger(__name__)
-
 
 # %% auto #0
 __all__ = ['log', 'lr_lambda', 'save_checkpoint', 'load_checkpoint', 'rank0_decides', 'init_distributed', 'prefetched', 'Trainer',
@@ -276,6 +276,7 @@ class Trainer:
             rec = {"step": step, "epoch": self.epoch, **{k: r[k].item() for k in ("loss", "recon", "sparsity", "aux", "l0")},
                    "dead_frac": (self.since_fired_F >= cfg.dead_window_tokens).float().mean().item(),
                    "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            if not math.isfinite(rec["loss"]): self._diverged(f"the loss is {rec['loss']} at step {step}")
             append_jsonl(self.hist, rec)
             if self.run is not None: self.run.log(rec, step=step)
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
@@ -289,14 +290,21 @@ class Trainer:
                 self.best = v["val_fvu"]
                 self.save_fn(self.model, self.ckpt_dir / "best", overwrite=True)
         if self.main and (step % cfg.checkpoint_every == 0 or step % self.steps_per_epoch == 0):
+            if not all(torch.isfinite(p).all() for p in self.model.parameters()): self._diverged(f"the weights hold NaN or inf at step {step}")
             save_checkpoint(self.ckpt_dir / "latest", self.model, self.opt, self.sched, {"since_fired_F": self.since_fired_F},
                             {"step": step, "best_val_fvu": self.best, "train_seconds": self.t_train, "wandb_run_id": self.run_id})
         if step % self.steps_per_epoch == 0: self.epoch += 1
         self._mark = time.time()
 
+    def _diverged(self, what: str):
+        "Stop: a training that diverged is not checkpointed or saved; the last good checkpoint stays for a resume."
+        raise RuntimeError(f"{self.name}: training diverged ({what}); nothing was saved past the last checkpoint. Lower train.lr, "
+                           "check the activations, or turn off perf.autocast; rerun to resume from the last checkpoint")
+
     def finish(self) -> dict:
         "Final validation, save the artifact and `summary.json` (rank 0), close the logs; returns the summary."
         self.bar.close()
+        if self.main and not all(torch.isfinite(p).all() for p in self.model.parameters()): self._diverged("the final weights hold NaN or inf")
         self.model.normalize_decoder_()
         final = self.validate()
         summary = {"name": self.name, "steps": self.step, "epochs": self.cfg.num_epochs, "train_rows_per_epoch": self.train_data.num_rows,
@@ -348,16 +356,19 @@ def train_sae(store_folder, sae_cfg, train_cfg: TrainConfig, out_dir, ckpt_dir, 
     val = ActivationDataset(store_folder, 4096, "val", train_cfg.val_fraction, verify=False)
     m = train.store.manifest
     cfg = sae_cfg.with_d_in(train.d_in, hook_name=m["hookpoint"], model_name=m["model"])
-    settings = {"sae": config_to_dict(cfg), "train": config_to_dict(train_cfg), "store": str(Path(store_folder).resolve()),
-                "store_rows": m["num_tokens"]}
+    # the store by its content (its shards' checksums), not its path: a copied or moved run is the same training
+    store_id = hashlib.sha256(json.dumps([sh["sha256"] for sh in m["shards"]]).encode()).hexdigest()[:16]
+    settings = {"sae": config_to_dict(cfg), "train": config_to_dict(train_cfg), "store": store_id, "store_rows": m["num_tokens"]}
     if dataset_cls is not None: settings["order"] = dataset_cls.__name__
+    finished = (out_dir / "summary.json").exists()
+    if len(train) == 0 and (overwrite or not finished):   # checked before --overwrite removes anything
+        raise ValueError(f"{m['hookpoint']}: {train.num_rows} training rows is less than one batch of {train_cfg.batch_size}"
+                         f"{f', so the finished SAE at {out_dir} is kept' if finished else ''}; lower train.batch_size or extract "
+                         "more tokens (--num-tokens)")
     done = rank0_decides(lambda: prepare_training(settings, out_dir, ckpt_dir, overwrite, f"SAE {m['hookpoint']}"))
     if done is not None: return done
     torch.manual_seed(train_cfg.seed)
     sae = make_sae(cfg)
-    if len(train) == 0:
-        raise ValueError(f"{m['hookpoint']}: {train.num_rows} training rows is less than one batch of {train_cfg.batch_size}; "
-                         f"extract more tokens (--num-tokens) or lower train.batch_size")
     sample = next(iter(train.batches(0)))
     sae.init_b_dec_(sample)
     t = Trainer(sae, train, val, train_cfg, out_dir, ckpt_dir, save_sae, name=m["hookpoint"], progress=progress,

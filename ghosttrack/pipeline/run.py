@@ -11,7 +11,7 @@ import time
 from ..core.io import save_json
 from ..core.run_config import RunConfig
 from ..data.corpus import TokenSource, make_corpus
-from ..data.models import load_model, layer_hookpoints, model_name
+from ..data.models import layer_hookpoints, load_model, max_positions, model_name
 from ..data.store import hook_dirname, extract_activations
 from ..dictionaries.evaluate import spliced_lm_metrics
 from ..dictionaries.sae import load_sae
@@ -28,8 +28,8 @@ from ..core.runfolder import stores_in
 from ..tsp.train import tsp_instances
 
 # %% auto #0
-__all__ = ['log', 'token_source', 'load_run_model', 'run_source', 'held_out_rows', 'run_extract', 'run_train', 'run_lm_eval',
-           'summary_table', 'stream_train']
+__all__ = ['log', 'token_source', 'load_run_model', 'run_source', 'held_out_rows', 'check_context_len', 'run_extract',
+           'run_train', 'run_lm_eval', 'summary_table', 'stream_train']
 
 # %% ../../nbs/80_pipeline_run.ipynb #28089abb
 def token_source(cfg: RunConfig, tokenizer):
@@ -51,12 +51,19 @@ def held_out_rows(cfg: RunConfig, source, n: int):
     used_rows = -(-cfg.extract.num_tokens // (cfg.corpus.context_len - (0 if cfg.extract.keep_bos else 1)))
     return next(iter(source.batches(n, skip_rows=used_rows)), None) if n else None
 
+def check_context_len(cfg: RunConfig, model) -> None:
+    "Refuse token rows longer than the language model's positions (a TSP policy has no such limit)."
+    n = None if cfg.tsp else max_positions(model)
+    if n is not None and cfg.corpus.context_len > n:
+        raise ValueError(f"corpus.context_len={cfg.corpus.context_len}: the model takes at most {n} positions; use --context-len {n} or less")
+
 def run_extract(cfg: RunConfig, overwrite: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict:
     "Stage 1: load the model and corpus, extract every requested hookpoint in one pass. Returns stats per hookpoint."
     ex, root = cfg.extract, activations_dir(cfg)
     if model is None: model, tokenizer = load_run_model(cfg)
     hps = (layer_hookpoints(model, ex.layers) if ex.layers not in ("", None, []) else []) + list(ex.hookpoints)
     if not hps: raise ValueError("nothing to extract: give --layers or --hookpoints")
+    check_context_len(cfg, model)
     source = run_source(cfg, tokenizer)
     before = {h: _stored_rows(root / hook_dirname(h)) for h in hps}
     t0 = time.time()
@@ -121,6 +128,7 @@ def stream_train(cfg: RunConfig, model=None, tokenizer=None, overwrite: bool = F
     if model is None: model, tokenizer = load_run_model(cfg)
     hps = (layer_hookpoints(model, ex.layers) if ex.layers not in ("", None, []) else []) + list(ex.hookpoints)
     if not hps: raise ValueError("nothing to train: give --layers or --hookpoints")
+    check_context_len(cfg, model)
     return stream_train_saes(model, run_source(cfg, tokenizer), hps, ex.num_tokens, cfg.sae, cfg.train, saes_dir(cfg, save_dir),
                              cfg.run_path / "checkpoints", ex.batch_size, ex.shard_tokens, ex.dtype,
                              skip_first=0 if ex.keep_bos else None, stop_early=ex.early_stop, perf=perf or cfg.perf, overwrite=overwrite,

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 import ghosttrack
 
-from ..core.config import config_to_dict, save_config
-from ..core.runfolder import open_run
+from ..core.config import config_to_dict
+from ..core.runfolder import open_run, save_run_config
 from ..core.io import atomic_path, load_json, save_json
 from ..core.run_config import RunConfig
 from ..dictionaries.clt_eval import clt_line
@@ -22,7 +22,6 @@ from .stages import STAGES, run_stage, stage_record
 from ..tsp.train import format_gap_table
 
 log = logging.getLogger("ghosttrack")
-
 
 # %% auto #0
 __all__ = ['log', 'stage_notebook', 'stage_part', 'StageFailed', 'run_stages', 'run_summary']
@@ -99,12 +98,12 @@ def run_stages(cfg: RunConfig, stages=None, resume: bool = False, overwrite: boo
             if notebooks: records[s] = {"notebook": str(_execute(s, cfg, overwrite, progress).relative_to(cfg.run_path))}
             else: run_stage(s, cfg, overwrite, progress, save=False); records[s] = {}
         except Exception as e:
-            records[s] = {"status": "failed", "error": str(e).splitlines()[0], "seconds": time.time() - t0}
+            records[s] = {"status": "failed", "error": (str(e).splitlines() or [type(e).__name__])[0], "seconds": time.time() - t0}
             save_json(records, run_file)
             raise
         records[s] |= {"status": "done", "seconds": time.time() - t0}
         save_json(records, run_file)
-    if not notebooks: save_config(open_run(cfg), cfg.run_path / "config.json")   # only once every stage succeeded
+    if not notebooks: save_run_config(open_run(cfg))   # only once every stage succeeded
     return records
 
 # %% ../../nbs/82_pipeline_runner.ipynb #9093549d

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..attribution.run import attribute
-from ..core.config import config_from_dict, save_config
+from ..core.config import config_from_dict
 from ..core.io import load_json, save_json
 from ..core.presets import get_preset
 from ..core.run_config import RunConfig, apply_overrides, device_overrides
-from ..core.runfolder import activations_dir, open_run, policy_dir, saes_dir, run_saes
+from ..core.runfolder import activations_dir, open_run, policy_dir, run_saes, saes_dir, save_run_config
 from ..data.corpus import make_corpus
 from ..data.store import hook_dirname
 from ..dictionaries.clt import load_clt, CLTConfig, collect_pairs, parse_layer_pairs
@@ -34,7 +34,6 @@ from ..tsp.policy import run_with_replacement
 from ..tsp.train import tsp_instances, train_tsp, evaluate_tsp, gap_table
 
 log = logging.getLogger("ghosttrack")
-
 
 # %% auto #0
 __all__ = ['log', 'STAGES', 'Stage', 'stage', 'corpus_stage', 'tsp_stage', 'extract_stage', 'train_stage', 'tsp_evaluation',
@@ -200,7 +199,7 @@ def run_stage(name: str, cfg: RunConfig, overwrite: bool = False, progress: bool
     result = STAGES[name].fn(cfg, overwrite, progress)
     record = {"stage": name, "seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
     save_json(json.loads(json.dumps(record, default=str)), cfg.run_path / "stages" / f"{name}.json")
-    if save: save_config(resolved, cfg.run_path / "config.json")
+    if save: save_run_config(resolved)
     done.add(name)
     return result
 

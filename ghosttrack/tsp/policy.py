@@ -19,7 +19,6 @@ from ..core.io import load_tensors, save_tensors, sha256_file
 from ..data.models import patch_hookpoint
 from ..core.run_config import NORMS
 
-
 # %% auto #0
 __all__ = ['DECODES', 'POLICY_FILE', 'TSPInstances', 'tour_length', 'is_permutation', 'random_tours', 'MultiHeadAttention',
            'Norm', 'EncoderLayer', 'Encoder', 'TSPRollout', 'Decoder', 'AttentionPolicy', 'run_with_replacement',
@@ -229,6 +228,7 @@ class AttentionPolicy(nn.Module):
         return [f"encoder_layer_{i}" for i in range(self.n_layers)]
 
 
+
 # %% ../../nbs/16_tsp_policy.ipynb #78445e81
 def _kl_BT(logp_BTN, logq_BTN):
     p = logp_BTN.exp()
@@ -269,7 +269,7 @@ def load_policy(path, device: str = "cpu") -> AttentionPolicy:
     with safe_open(str(path), framework="pt") as f: meta = f.metadata() or {}
     if "policy_config" not in meta: raise ValueError(f"{path} is not a ghosttrack TSP policy (no policy_config in its metadata)")
     policy = AttentionPolicy(**json.loads(meta["policy_config"]))
-    policy.load_state_dict(load_tensors(path, device=device))
+    policy.load_state_dict(load_tensors(path, device=device, finite=True))
     policy.name_or_path = f"tsp-attention:{sha256_file(path)[:16]}"   # stores and dictionaries record which weights made them
     return policy.to(device).eval()
 

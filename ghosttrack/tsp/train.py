@@ -91,9 +91,19 @@ def _new_policy(cfg: TSPTrainConfig) -> AttentionPolicy:
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         return AttentionPolicy(**cfg.policy_kwargs()).to(cfg.device)
 
+def _is_tsp_run(folder: Path) -> bool:
+    "A folder `tsp-train` made: its `config.json` is a `TSPTrainConfig`."
+    try: d = load_json(folder / "config.json")
+    except (OSError, ValueError): return False
+    return isinstance(d, dict) and {"n", "epochs", "baseline"} <= set(d)
+
 def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool) -> bool:
     "Prepare `run_dir`; True when it holds a finished run with the same settings (to reuse)."
-    if overwrite and run_dir.exists(): remove_tree(run_dir)
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        if not _is_tsp_run(run_dir):
+            raise ConfigError(f"--overwrite: {run_dir} is not a tsp-train run folder (no config.json of one), so it is not deleted; "
+                              "pass a new or empty --run-dir")
+        remove_tree(run_dir)
     if (run_dir / "config.json").exists():
         free = ("device", "wandb_mode", "epochs")   # where it runs and how it logs may change, and it may run longer
         saved = {**asdict(TSPTrainConfig()), **load_json(run_dir / "config.json")}   # fields added since: their defaults
