@@ -69,3 +69,25 @@ def kill_when(args, ready, timeout=300, poll=0.02):
     err = p.stderr.read()
     assert p.returncode == 0, err[-3000:]
     return False
+
+
+# Under the README's test command (GHOSTTRACK_STRICT_SKIPS=1) a test may skip only for what the machine lacks;
+# any other skip (missing test data, a peer that failed to install) fails the run and says which.
+ALLOWED_SKIPS = ("needs a CUDA GPU", "no headless Chromium")
+_skips = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and isinstance(report.longrepr, tuple):
+        _skips.append((report.nodeid, report.longrepr[2]))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("GHOSTTRACK_STRICT_SKIPS"):
+        return
+    bad = [(n, why) for n, why in _skips if not any(a in why for a in ALLOWED_SKIPS)]
+    if bad:
+        print("\nskips that are not allowed under the README's test command (only CUDA and a browser may be missing):")
+        for n, why in bad:
+            print(f"  {n}: {why}")
+        session.exitstatus = 1

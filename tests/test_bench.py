@@ -4,10 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ghosttrack.pipeline.bench import PEERS, peer_python, run_peer
+
+PINS = dict(line.strip().split("==") for line in (Path(__file__).resolve().parents[1] / ".ci" / "peers.txt").read_text().splitlines() if line.strip())
 
 
 def test_bench_drives_the_installed_peers(tmp_path):
@@ -19,16 +22,18 @@ def test_bench_drives_the_installed_peers(tmp_path):
     assert res["machine"]["torch_threads"] == 1 and res["machine"]["torch"]
     assert len(res["scaling"]) == 3 and all(p["peak_mb"] > 0 for p in res["scaling"])
     gt = res["train"]["ghosttrack"]
-    assert gt["status"] == "ok" and gt["ghosttrack_speed_ratio"] == 1.0 and 0 < gt["fvu"] < 1
+    assert gt["status"] == "ok" and gt["tokens_per_second"] > 0 and 0 < gt["fvu"] < 1
     assert res["stream_vs_disk"]["disk_mean_fvu"] == pytest.approx(res["stream_vs_disk"]["stream_mean_fvu"], abs=0.05)
     for peer in sorted(PEERS):
         py, why = peer_python(peer)
         p = res["train"][peer]
         if py is None:
+            if os.environ.get("GHOSTTRACK_STRICT_SKIPS"): pytest.fail(f"{peer} is missing under the README's test command: {why}")
             assert p["status"] == "missing" and "tokens_per_second" not in p
             continue
         assert p["status"] == "ok", p
         assert p["tokens_per_second"] > 0 and 0 < p["fvu"] < 1.5 and p["version"] == why
+        if os.environ.get("GHOSTTRACK_STRICT_SKIPS"): assert why == PINS[PEERS[peer][3]], (peer, why, PINS)
         assert p["ghosttrack_speed_ratio"] == pytest.approx(gt["tokens_per_second"] / p["tokens_per_second"])
         assert f"{peer:<28}{why}" in out
 

@@ -24,9 +24,17 @@ from ghosttrack.core.io import load_tensors, save_tensors  # noqa: E402
 from ghosttrack.dictionaries.sae import load_sae, make_sae, save_sae, synthetic_sparse_data  # noqa: E402
 
 SAELENS_PYTHON = os.environ.get("GHOSTTRACK_SAELENS_PYTHON")
+PIN = next(l.strip() for l in (ROOT / ".ci" / "peers.txt").read_text().splitlines() if l.startswith("sae-lens=="))
 pytestmark = pytest.mark.skipif(
     not SAELENS_PYTHON, reason="GHOSTTRACK_SAELENS_PYTHON is not set: point it at a python with sae-lens installed "
-                               "(see this file's docstring)")
+                               "(see this file's docstring; the README's test command prepares one)")
+
+
+def test_the_pinned_saelens_is_the_one_tested():
+    r = subprocess.run([SAELENS_PYTHON, "-c", "import importlib.metadata as m; print(m.version('sae-lens'))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{SAELENS_PYTHON} has no sae-lens: {r.stderr[-500:]}"
+    assert r.stdout.strip() == PIN.split("==")[1], f"{SAELENS_PYTHON} has sae-lens {r.stdout.strip()}, the tests pin {PIN}"
 
 # Runs inside the SAELens interpreter: load every folder, encode/decode x, save the results, describe each SAE.
 SAELENS_SCRIPT = r"""

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .analyses import add_attribute_commands, add_interpret_commands, add_track_commands
 from .bench import add_bench_commands
@@ -20,6 +22,7 @@ from .tsp import add_tsp_commands
 from ..core.config import ConfigError
 from ..core.io import ArtifactExists
 from ..core.presets import PRESETS, get_preset
+from ..core.runfolder import run_lock
 from ..data.models import check_device
 from ..dictionaries.trainer import init_distributed
 from ..pipeline.runner import run_stages, run_summary
@@ -59,6 +62,9 @@ def job_stages(command: str, cfg, extract_only: bool = False, train_only: bool =
     stages = (["extract"] if extract and not cfg.stream else []) + (["train"] + (["evaluate"] if cfg.eval_rows else []) if train else [])
     return cfg, stages
 
+CREATES_RUN = ("train-clt", "tsp-train")
+"commands besides run/extract/train that make their --run-dir when it is not there"
+
 def error_line(e: BaseException) -> str:
     "One line for an expected failure: its message, with what to do for the failures of the machine itself."
     msg = " ".join(str(e).split()) or type(e).__name__
@@ -76,15 +82,20 @@ def main(argv=None) -> int:
             for name, p in PRESETS.items(): print(f"{name}: {json.dumps(p | {'stages': get_preset(name).stages})}")
             return 0
         if getattr(args, "device", None): check_device(args.device)
-        if hasattr(args, "func"): return args.func(args)
+        if hasattr(args, "func"):
+            run = getattr(args, "run_dir", None)
+            if run and args.command in CREATES_RUN: Path(run).mkdir(parents=True, exist_ok=True)
+            with (run_lock(run, f"ghosttrack {args.command}") if run and Path(run).is_dir() else contextlib.nullcontext()):
+                return args.func(args)
         cfg = resolve_config(args, "demo" if args.command == "run" else None)
-        if args.command == "run":
-            run_stages(cfg, resume=args.resume, overwrite=args.overwrite, notebooks=not args.no_notebooks, progress=not args.quiet)
-            print(run_summary(cfg.run_path))
-            return 0
-        cfg, stages = job_stages(args.command, cfg, getattr(args, "extract_only", False), getattr(args, "train_only", False))
-        if "train" in stages: init_distributed()   # under torchrun: join the process group; every rank trains its slice, rank 0 writes
-        run_stages(cfg, stages, overwrite=args.overwrite, notebooks=False, progress=not args.quiet)
+        cfg.run_path.mkdir(parents=True, exist_ok=True)
+        with run_lock(cfg.run_path, f"ghosttrack {args.command}"):
+            if args.command == "run":
+                run_stages(cfg, resume=args.resume, overwrite=args.overwrite, notebooks=not args.no_notebooks, progress=not args.quiet)
+            else:
+                cfg, stages = job_stages(args.command, cfg, getattr(args, "extract_only", False), getattr(args, "train_only", False))
+                if "train" in stages: init_distributed()   # under torchrun: join the process group; every rank trains its slice, rank 0 writes
+                run_stages(cfg, stages, overwrite=args.overwrite, notebooks=False, progress=not args.quiet)
         print(run_summary(cfg.run_path))
         return 0
     except (ConfigError, ArtifactExists, OSError, ValueError, RuntimeError, StopIteration) as e:
@@ -98,4 +109,4 @@ def main(argv=None) -> int:
 
 
 # %% auto #0
-__all__ = ['build_parser', 'job_stages', 'error_line', 'main']
+__all__ = ['CREATES_RUN', 'build_parser', 'job_stages', 'error_line', 'main']

@@ -5,6 +5,7 @@
 # %% ../../nbs/06_core_runfolder.ipynb #3460da67
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -15,8 +16,8 @@ from .io import load_json
 from .run_config import RunConfig, load_config
 
 # %% auto #0
-__all__ = ['activations_dir', 'saes_dir', 'policy_dir', 'load_run_config', 'portable', 'save_run_config', 'open_run', 'layer_of',
-           'stores_in', 'run_saes', 'find_dictionaries', 'policy_folder']
+__all__ = ['activations_dir', 'saes_dir', 'policy_dir', 'load_run_config', 'portable', 'save_run_config', 'open_run', 'RunLocked',
+           'run_lock', 'layer_of', 'stores_in', 'run_saes', 'find_dictionaries', 'policy_folder']
 
 # %% ../../nbs/06_core_runfolder.ipynb #161d0a44
 def activations_dir(cfg: RunConfig) -> Path:
@@ -61,6 +62,29 @@ def open_run(cfg: RunConfig) -> RunConfig:
     resolved = dataclasses.replace(cfg, cache_dir=str(activations_dir(cfg).resolve()))
     if not (cfg.run_path / "config.json").exists(): save_run_config(resolved)
     return resolved
+
+# %% ../../nbs/06_core_runfolder.ipynb #2aadae61
+class RunLocked(RuntimeError):
+    "Another process is writing the run folder."
+
+@contextlib.contextmanager
+def run_lock(run_dir, what: str = "ghosttrack"):
+    """Hold the run folder's lock while the block runs; refuse with `RunLocked` when another process holds it. A folder
+    that cannot hold a lock file (read-only, or an OS without `fcntl`) is used without one."""
+    try: import fcntl
+    except ImportError: fcntl = None
+    path = Path(run_dir) / ".lock"
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0: yield; return
+    try: f = open(path, "a+")
+    except OSError: yield; return
+    with f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunLocked(f"{run_dir} is in use by {f.read().strip() or 'another process'}; wait for it to finish (or stop it), "
+                            "then run this command again") from None
+        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} ({what})"); f.flush()
+        yield
 
 # %% ../../nbs/06_core_runfolder.ipynb #884e8637
 def layer_of(hookpoint: str):

@@ -99,7 +99,7 @@ def _is_tsp_run(folder: Path) -> bool:
 
 def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool) -> bool:
     "Prepare `run_dir`; True when it holds a finished run with the same settings (to reuse)."
-    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
+    if overwrite and run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
         if not _is_tsp_run(run_dir):
             raise ConfigError(f"--overwrite: {run_dir} is not a tsp-train run folder (no config.json of one), so it is not deleted; "
                               "pass a new or empty --run-dir")
