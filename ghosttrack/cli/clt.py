@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .flags import add_command, add_config_flags, options, resolve_config
 from ..core.io import save_json
-from ..core.runfolder import activations_dir
+from ..core.runfolder import activations_dir, open_run
 from ..data.models import load_model
 from ..dictionaries.clt import collect_pairs, parse_layer_pairs
 from ..dictionaries.clt_eval import CLTGridOptions, clt_line, fit_clt, inspect_pairs
@@ -40,6 +40,7 @@ def add_clt_commands(subparsers) -> None:
 def train_clt_command(args) -> int:
     "Handler of `ghosttrack train-clt`."
     cfg, o = resolve_config(args), options(args, CLTGridOptions)
+    cfg = open_run(cfg)   # a new run folder gets its config.json, so every other command understands it
     ex, root, progress = cfg.extract, activations_dir(cfg), not args.quiet
     model, tok = load_model(ex.model, device=ex.device)
     pairs = parse_layer_pairs(o.layer_pairs, model)

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'BUILTIN_MODELS', 'FAMILIES', 'ModelUnavailable', 'cache_root', 'load_model', 'tiny_gpt2', 'tiny_llama',
-           'Family', 'model_family', 'check_device', 'max_positions', 'num_layers', 'model_name', 'Hookpoint',
-           'resolve_hookpoint', 'layer_hookpoints', 'hooked', 'forward', 'capture_activations', 'patch_hookpoint']
+           'Family', 'model_family', 'check_same_model', 'check_device', 'max_positions', 'num_layers', 'model_name',
+           'Hookpoint', 'resolve_hookpoint', 'layer_hookpoints', 'hooked', 'forward', 'capture_activations',
+           'patch_hookpoint']
 
 # %% ../../nbs/12_data_models.ipynb #86460f6a
 class ModelUnavailable(RuntimeError):
@@ -130,6 +131,14 @@ def model_family(model: nn.Module) -> Family | None:
     "The `Family` of a Hugging Face model, or None for other modules."
     mt = getattr(getattr(model, "config", None), "model_type", None)
     return FAMILIES.get(mt)
+
+def check_same_model(recorded: str, model: nn.Module, what: str) -> None:
+    """Refuse `what` (a dictionary, a store) made from another model than `model`. Names recorded before identities
+    were content-based (folder paths) are not compared."""
+    if not recorded or ("@" not in recorded and not recorded.startswith("tsp-attention:")): return
+    if recorded != (now := model_name(model)):
+        raise ValueError(f"{what} was made from the model {recorded}, but this run's model is {now}; the run's config.json "
+                         "names another model than the one its dictionaries came from")
 
 def check_device(device) -> None:
     "Refuse a device this machine does not have, with a line that says what to use instead."

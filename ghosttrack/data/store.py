@@ -323,7 +323,7 @@ class ActivationDataset:
             skip = 0
             if carry is not None: x = torch.cat([carry, x])
             full = len(x) // self.batch_size * self.batch_size
-            for b in x[:full].split(self.batch_size):
+            for b in (x[:full].split(self.batch_size) if full else ()):   # (split of nothing is one empty batch)
                 if emitted >= len(self): return
                 emitted += 1
                 yield b

@@ -15,7 +15,7 @@ from typing import Optional
 from ..core.io import check_overwrite
 from ..core.runfolder import activations_dir, load_run_config, run_saes
 from ..data.corpus import TokenSource, make_corpus
-from ..data.models import load_model
+from ..data.models import check_same_model, load_model
 from ..data.store import hook_dirname
 from ..dictionaries.sae import load_sae
 from .dashboard import write_dashboard
@@ -64,7 +64,9 @@ def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, m
         store = activations_dir(cfg) / hook_dirname(hp)
         if source is None and not (store / "manifest.json").exists():
             raise FileNotFoundError(f"no activation store for {hp} at {store}; pass --texts stdlib|wikipedia|truthfulqa|text:PATH to read text instead")
-        fi = FeatureInterpreter(load_sae(folder, device=device), model, hp, device, tokenizer=tok, context_len=cfg.corpus.context_len,
+        sae = load_sae(folder, device=device)
+        check_same_model(sae.cfg.model_name, model, f"the SAE at {folder}")
+        fi = FeatureInterpreter(sae, model, hp, device, tokenizer=tok, context_len=cfg.corpus.context_len,
                                 batch_size=batch_size, progress=progress)
         t0 = time.time()
         fs = fi.interpret_all_features(source if source is not None else store, k, outs[hp] / "features.json", max_tokens)

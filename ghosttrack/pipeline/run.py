@@ -5,16 +5,17 @@
 # %% ../../nbs/80_pipeline_run.ipynb #d86cb706
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
-from ..core.io import save_json
+from ..core.io import load_json, save_json, sha256_file
 from ..core.run_config import RunConfig
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import layer_hookpoints, load_model, max_positions, model_name
 from ..data.store import hook_dirname, extract_activations
 from ..dictionaries.evaluate import spliced_lm_metrics
-from ..dictionaries.sae import load_sae
+from ..dictionaries.sae import SAE_WEIGHTS_FILENAME, load_sae
 from ..dictionaries.stream import stream_train_saes
 from ..dictionaries.trainer import train_sae
 from ..tsp.policy import load_policy
@@ -84,9 +85,10 @@ def run_train(cfg: RunConfig, overwrite: bool = False, progress: bool = True, sa
                             overwrite=overwrite, progress=progress, perf=cfg.perf)
     return out
 
-def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None) -> dict:
+def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None, overwrite: bool = False) -> dict:
     """Stage 3: next-token loss with each SAE spliced in, on `cfg.eval_rows` token rows that come after the rows
-    used for extraction (held out). Writes `saes/<hookpoint>/lm_eval.json`; returns the metrics per hookpoint."""
+    used for extraction (held out). Writes `saes/<hookpoint>/lm_eval.json`, which a rerun reuses while the SAE and
+    the rows are the same (unless `overwrite`); returns the metrics per hookpoint."""
     rows = held_out_rows(cfg, token_source(cfg, tokenizer), cfg.eval_rows)
     if rows is None:
         log.warning("no held-out text left after the rows used for extraction; skipping the spliced-LM evaluation")
@@ -98,7 +100,12 @@ def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None) 
         if sae.cfg.model_name and sae.cfg.model_name != model_name(model):
             log.warning("%s: SAE trained on %s, not on %s; skipping the spliced-LM evaluation", hp, sae.cfg.model_name, model_name(model))
             continue
-        out[hp] = spliced_lm_metrics(model, sae, hp, rows, batch_size=cfg.extract.batch_size) | {"eval_rows": len(rows)}
+        measured = {"sae_weights": sha256_file(folder / SAE_WEIGHTS_FILENAME), "rows": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]}
+        old = load_json(folder / "lm_eval.json") if (folder / "lm_eval.json").exists() else {}
+        if old.get("measured") == measured and not overwrite:
+            log.info("%s: spliced-LM loss already measured for these weights and rows, reusing", hp)
+            out[hp] = old; continue
+        out[hp] = spliced_lm_metrics(model, sae, hp, rows, batch_size=cfg.extract.batch_size) | {"eval_rows": len(rows), "measured": measured}
         save_json(out[hp], folder / "lm_eval.json")
     return out
 

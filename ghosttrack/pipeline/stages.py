@@ -126,7 +126,7 @@ def evaluate_stage(cfg: RunConfig, overwrite: bool = False, progress: bool = Tru
         save_json(out, cfg.run_path / "tsp_eval.json")
         return out
     model, tok = load_run_model(cfg)
-    return run_lm_eval(cfg, _trained(cfg), model, tok)
+    return run_lm_eval(cfg, _trained(cfg), model, tok, overwrite=overwrite)
 
 # %% ../../nbs/81_pipeline_stages.ipynb #3047259f
 @stage("clt", "30_dict_clt.ipynb", "collect layer pairs and train the transcoders of `clt.pairs`",
