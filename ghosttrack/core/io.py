@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 # %% auto #0
 __all__ = ['atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_tensors',
-           'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite', 'remove_tree',
-           'save_weights_folder', 'hub_offline', 'hub_problem']
+           'load_manifest', 'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite',
+           'remove_tree', 'save_weights_folder', 'hub_offline', 'hub_problem']
 
 # %% ../../nbs/05_core_io.ipynb #ae96cb75
 @contextmanager
@@ -31,6 +31,7 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # again: a writer that replaces the file (safetensors does) makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,6 +88,13 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> str:
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
     return sha256_file(path)
+
+def load_manifest(path, keys=("hookpoint", "shards", "num_tokens")) -> dict:
+    "An activation store's `manifest.json`, checked to be one (a mapping with `keys`), else an error that names it."
+    d = load_json(path)
+    if not isinstance(d, dict) or any(k not in d for k in keys) or not isinstance(d.get("shards", []), list):
+        raise ValueError(f"{path} is not an activation-store manifest (a mapping with {', '.join(keys)}); extract this store again with --overwrite")
+    return d
 
 def load_tensors(path, device: str = "cpu", finite: bool = False) -> dict:
     """Load a safetensors file as a dict of tensors; a damaged file is an error that names it. With `finite`, weights

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .config import parse_layers, save_config
-from .io import load_json
+from .io import load_json, load_manifest
 from .run_config import RunConfig, load_config
 
 # %% auto #0
@@ -94,7 +94,7 @@ def layer_of(hookpoint: str):
 
 def _stored_rows(folder) -> int:
     p = Path(folder) / "manifest.json"
-    return load_json(p)["num_tokens"] if p.exists() else 0
+    return load_manifest(p, ("num_tokens",))["num_tokens"] if p.exists() else 0
 
 def stores_in(root, layers=None, hookpoints=()) -> dict:
     "Finished stores under `root`, filtered to the given layers (residual hookpoints) and/or hookpoint names."
@@ -105,7 +105,7 @@ def stores_in(root, layers=None, hookpoints=()) -> dict:
         parts = mf.parent.name.split(".")
         return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 10**9, mf.parent.name)
     for mf in sorted(root.glob("*/manifest.json"), key=order):
-        m = load_json(mf)
+        m = load_manifest(mf, ("hookpoint",))
         if not m.get("complete"): continue
         hp = m["hookpoint"]
         layer = layer_of(hp)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 import ghosttrack
 
-from ..core.io import ArtifactExists, load_json, remove_tree, save_json, save_tensors, verify_sha256
+from ..core.io import ArtifactExists, load_manifest, remove_tree, save_json, save_tensors, verify_sha256
 from .corpus import TokenSource
 from .models import capture_activations, model_name, layer_hookpoints
 
@@ -41,7 +41,7 @@ class StoreWriter:
         self.folder, self.shard_tokens, self.max_pending = Path(folder), shard_tokens, max_pending
         self.folder.mkdir(parents=True, exist_ok=True)
         mpath = self.folder / "manifest.json"
-        self.manifest = load_json(mpath) if mpath.exists() else {**header, "shards": [], "num_tokens": 0, "complete": False}
+        self.manifest = load_manifest(mpath) if mpath.exists() else {**header, "shards": [], "num_tokens": 0, "complete": False}
         for stray in self.folder.glob(".*.tmp"): stray.unlink()
         self.buf, self.ids = [], []
         self.pool, self.pending, self.failed = ThreadPoolExecutor(1, thread_name_prefix="store"), [], None
@@ -167,7 +167,7 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
     for h, f in folders.items():
         head = _header(model, h, d[h], source, batch_size, shard_tokens, dtype, num_tokens, skip_first)
         if (f / "manifest.json").exists():
-            old = load_json(f / "manifest.json")
+            old = load_manifest(f / "manifest.json")
             if not _check_same(f, old, head, overwrite): remove_tree(f)
             elif old.get("complete"):
                 try: ActivationStore(f)                          # every shard checked against its sha256 before reuse
@@ -240,7 +240,7 @@ class ActivationStore:
         self.folder = Path(folder)
         mpath = self.folder / "manifest.json"
         if not mpath.exists(): raise FileNotFoundError(f"no activation store at {self.folder} (manifest.json missing); run `ghosttrack extract` first")
-        self.manifest = m = load_json(mpath)
+        self.manifest = m = load_manifest(mpath)
         if not m.get("complete"): raise ValueError(f"activation store {self.folder} is unfinished ({m['num_tokens']} rows); rerun the extraction to resume it")
         if d_in is not None and m["d_model"] != d_in:
             raise ValueError(f"activation store {self.folder} has d_model={m['d_model']}, expected {d_in} (another model or hookpoint?)")

@@ -15,7 +15,7 @@ from .. import __version__
 
 from ..core.config import ConfigError, SAEConfig, TrainConfig, _check, _choice, config_from_dict, config_to_dict
 from ..core.registry import check_classes
-from ..core.io import load_json, load_tensors, save_json, save_weights_folder
+from ..core.io import load_json, load_manifest, load_tensors, save_json, save_weights_folder
 from ..data.models import layer_hookpoints, model_name, num_layers
 from ..data.store import ActivationDataset, ActivationStore, extract_activations, hook_dirname
 from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEOutput, TopKSAE, geometric_median
@@ -72,7 +72,7 @@ def collect_pairs(model, source, pairs, root, num_tokens: int, batch_size: int =
     hps = list(dict.fromkeys(h for p in pairs for h in (p.source, p.target)))
     folders = extract_activations(model, source, hps, root, num_tokens, batch_size, shard_tokens, dtype, device,
                                   stop_early=True, overwrite=overwrite, progress=progress, skip_first=skip_first)
-    manifests = {h: load_json(f / "manifest.json") for h, f in folders.items()}
+    manifests = {h: load_manifest(f / "manifest.json") for h, f in folders.items()}
     def side(h): return {"hookpoint": h, "store": folders[h].name, "d": manifests[h]["d_model"], "stats": manifests[h].get("stats", {})}
     meta = {"model": model_name(model), "root": str(root.resolve()), "rows": manifests[hps[0]]["num_tokens"],
             "pairs": {p.name: {"activations": {f"source_{p.source}": folders[p.source].name, f"target_{p.target}": folders[p.target].name},
