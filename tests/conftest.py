@@ -53,6 +53,21 @@ def ghosttrack(*args, check=True, timeout=600, env=None):
     return r
 
 
+
+def one_clear_line(*args):
+    "Run `ghosttrack *args` in this process (no interpreter start per case) and check for exit 2 with one error line."
+    *argv, fragments = args
+    import contextlib, io
+    from ghosttrack.cli.main import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err): code = main(list(map(str, argv)))
+    assert code == 2, (code, err.getvalue())
+    lines = [l for l in err.getvalue().strip().splitlines() if l.startswith("ghosttrack")]
+    assert len(lines) == 1 and "Traceback" not in err.getvalue(), err.getvalue()
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
 def kill_when(args, ready, timeout=300, poll=0.02):
     "Start `ghosttrack *args`, SIGKILL it as soon as `ready()` is true; returns True if it was killed mid-way."
     p = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT,

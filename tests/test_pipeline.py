@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ghosttrack, kill_when
+from conftest import one_clear_line, ghosttrack, kill_when
 from ghosttrack.data.store import load_hidden_states
 from ghosttrack.core.io import load_json
 from ghosttrack.dictionaries.sae import load_sae
@@ -90,20 +90,6 @@ def test_training_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path):
         assert torch.equal(v, b.state_dict()[k]), k
     steps = lambda run: [r["step"] for r in map(json.loads, (run / "saes" / LAYERS[1] / "history.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps(tmp_path / "a") == steps(tmp_path / "b")
-
-
-def one_clear_line(*args):
-    "Run `ghosttrack *args` in this process (no interpreter start per case) and check for exit 2 with one error line."
-    *argv, fragments = args
-    import contextlib, io
-    from ghosttrack.cli.main import main
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err): code = main(list(map(str, argv)))
-    assert code == 2, (code, err.getvalue())
-    lines = [l for l in err.getvalue().strip().splitlines() if l.startswith("ghosttrack")]
-    assert len(lines) == 1 and "Traceback" not in err.getvalue(), err.getvalue()
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def test_bad_inputs_get_clear_errors_and_keep_artifacts(tiny_model_dir, wikitext, tmp_path):

@@ -79,6 +79,8 @@ def load_model(name: str = "gpt2", device: str = "cpu", dtype=None):
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name in BUILTIN_MODELS: return _load_builtin(name, device, dtype)
     if Path(name).expanduser().is_dir(): return _load_hf(Path(name).expanduser(), device, dtype)
+    if Path(name).expanduser().is_file():
+        raise ValueError(f"model {name!r} is a file; pass the folder that holds its config.json and weights, a built-in name or a hub id")
     if re.match(r"^[./~]", name) or name.endswith(("/", ".json", ".bin", ".safetensors")):
         raise FileNotFoundError(f"model path {name!r} does not exist")
     try: return _load_hf(name, device, dtype, local_files_only=True)

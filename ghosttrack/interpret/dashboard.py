@@ -151,7 +151,7 @@ def write_dashboard(features, path, title: str | None = None) -> Path:
         for rec in records:
             f.write(f'<template id="f{rec["feature_id"]}">{feature_panel_html(rec, meta)}</template>\n')
             index.append({"id": rec["feature_id"], "f": rec["frequency"], "t": rec["top_activation"], "l": _label(rec), "s": _search_text(rec)})
-        f.write('<script type="application/json" id="gt-index">' + json.dumps(index).replace("</", "<\\/") + "</script>\n")
+        f.write('<script type="application/json" id="gt-index">' + json.dumps(index).replace("<", "\\u003c") + "</script>\n")
         f.write(_PAGE_SCRIPT)
     return path
 
