@@ -53,7 +53,7 @@ def train_clt_command(args) -> int:
         for point in o.grid():
             sub = o.point_name(point)
             out, ckpt = cfg.run_path / "clts" / pair.name / sub, cfg.run_path / "checkpoints" / pair.name / sub
-            row = {"grid_point": sub or "-"} | fit_clt(cfg, root, pair, o.clt_config(point), out, ckpt, args.overwrite, progress, model, held_out)
+            row = {"grid_point": sub or "-"} | fit_clt(cfg, root, pair, o.clt_config(point, pair), out, ckpt, args.overwrite, progress, model, held_out)
             table.append(row)
             print(clt_line(row))
     save_json(table, cfg.run_path / "clts" / "grid.json")

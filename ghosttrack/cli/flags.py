@@ -117,7 +117,7 @@ def _option_kwargs(f, tp, doc: str, defaults: bool) -> dict:
     shown = f" (default {','.join(map(str, default)) if isinstance(default, list) else default})" if default not in (None, False, []) else ""
     kw = dict(default=default if defaults else None, help=doc + shown)
     if f.metadata.get("required"): kw |= dict(required=True)
-    if tp is bool: return kw | dict(action="store_true" if defaults and not default else argparse.BooleanOptionalAction)
+    if tp is bool: return kw | dict(action="store_true" if defaults and default is False else argparse.BooleanOptionalAction)
     if typing.get_origin(tp) is typing.Literal: return kw | dict(choices=typing.get_args(tp))
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)

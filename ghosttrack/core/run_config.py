@@ -112,8 +112,8 @@ class CLTRunConfig:
     "active features per row (topk / batchtopk)"
     normalize: str = "none"
     "`none`, `center`, `unit_norm` or `standardize` (see `CLTConfig.normalize`)"
-    skip: bool = False
-    "add a learned affine skip path (a skip transcoder)"
+    skip: Optional[bool] = None
+    "add a learned affine skip path (a skip transcoder); empty: on from residual stream to residual stream, else off"
 
     def __post_init__(self):
         _choice("clt.architecture", self.architecture, ARCHITECTURES)

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+import re
 import torch
 from torch import nn
 from .. import __version__
@@ -25,9 +26,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PAIRS_FILE', 'NORMALIZATIONS', 'CLT_CLASSES', 'CLT_CFG_FILENAME', 'CLT_WEIGHTS_FILENAME', 'LayerPair',
-           'parse_layer_pairs', 'collect_pairs', 'load_pairs', 'PairedDataset', 'CLTConfig', 'normalization_stats',
-           'CLTMixin', 'TopKCLT', 'ReLUCLT', 'JumpReLUCLT', 'BatchTopKCLT', 'make_clt', 'save_clt', 'load_clt',
-           'LinearBaseline', 'fit_linear_baseline', 'train_clt']
+           'default_skip', 'parse_layer_pairs', 'collect_pairs', 'load_pairs', 'PairedDataset', 'CLTConfig',
+           'normalization_stats', 'CLTMixin', 'TopKCLT', 'ReLUCLT', 'JumpReLUCLT', 'BatchTopKCLT', 'make_clt',
+           'save_clt', 'load_clt', 'LinearBaseline', 'fit_linear_baseline', 'train_clt']
 
 # %% ../../nbs/30_dict_clt.ipynb #b21f8268
 @dataclass(frozen=True)
@@ -41,6 +42,14 @@ def _side(model, s: str) -> tuple[str, str]:
     if s == "out": return layer_hookpoints(model, [num_layers(model) - 1])[0], "out"
     if s.isdigit(): return layer_hookpoints(model, [int(s)])[0], f"L{s}"
     return s, hook_dirname(s)
+
+_RESIDUAL = re.compile(r"blocks\.\d+\.hook_resid_(pre|mid|post)|encoder_layer_\d+")
+
+def default_skip(pair: LayerPair) -> bool:
+    """Whether a transcoder of `pair` gets the affine skip when the user does not say: yes from a residual stream to a
+    residual stream, where the identity part of the residual connection is most of the map and `k` features cannot
+    rebuild it (without it such a transcoder ends below the least-squares map); no for an MLP's input → output."""
+    return bool(_RESIDUAL.fullmatch(pair.source) and _RESIDUAL.fullmatch(pair.target))
 
 def parse_layer_pairs(spec, model) -> list[LayerPair]:
     "`'0:2,1:out'`, `'a->b'` items, or a list of `(source, target)` → `LayerPair`s with hookpoints resolved for `model`."

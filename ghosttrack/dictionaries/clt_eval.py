@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,17 @@ import torch.nn.functional as F
 from ..core.io import save_json
 from ..core.registry import ARCHITECTURES
 from ..data.models import hooked
-from .clt import (NORMALIZATIONS, CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, load_clt,
+from .clt import (NORMALIZATIONS, CLTConfig, default_skip, LinearBaseline, PairedDataset, fit_linear_baseline, load_clt,
                                          load_pairs, train_clt)
 from .evaluate import firing_counts, spliced_lm_metrics
 from ..tsp.policy import run_with_replacement
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['FREQ_BINS', 'ARCHITECTURE_NAMES', 'NORMALIZATION_NAMES', 'evaluate_clt', 'plot_clt', 'clt_replacement',
-           'clt_spliced_lm_metrics', 'clt_policy_drift', 'sae_feature_through_clt', 'inspect_pairs', 'fit_clt',
-           'clt_line', 'CLTGridOptions']
+__all__ = ['log', 'FREQ_BINS', 'BELOW_LINEAR', 'ARCHITECTURE_NAMES', 'NORMALIZATION_NAMES', 'evaluate_clt', 'plot_clt',
+           'clt_replacement', 'clt_spliced_lm_metrics', 'clt_policy_drift', 'sae_feature_through_clt', 'inspect_pairs',
+           'fit_clt', 'clt_line', 'CLTGridOptions']
 
 # %% ../../nbs/31_dict_clt_eval.ipynb #0cceea52
 FREQ_BINS = [10 ** (e / 2) for e in range(-16, 1)]
@@ -172,18 +175,22 @@ def fit_clt(cfg, root, pair, ccfg: CLTConfig, out, ckpt, overwrite: bool = False
     if coords is not None: m["policy"] = clt_policy_drift(model, clt, coords)
     save_json(m, Path(out) / "eval.json")
     plot_clt(clt, m, out)
+    if m["r2"] < m["baseline_r2"]: log.warning("%s: R² %.4f < linear %.4f. %s", pair.name, m["r2"], m["baseline_r2"], BELOW_LINEAR)
     return {"pair": pair.name, "folder": str(out), "d_sae": clt.cfg.d_sae, "k": clt.cfg.k, "r2": m["r2"],
             "baseline_r2": m["baseline_r2"], "l0": m["l0"], "dead_fraction": m["dead_fraction"], "train_seconds": s["train_seconds"],
             **({"kl_div": m["lm"]["kl_div"], "ce_clean": m["lm"]["ce_clean"], "ce_spliced": m["lm"]["ce_spliced"]} if "lm" in m else {}),
             **({"rel_delta_length": m["policy"]["rel_delta_length"]} if "policy" in m else {})}
 
+BELOW_LINEAR = "WARNING: below the least-squares map on held-out rows; try the skip (--skip), more tokens or a larger k"
+
 def clt_line(row: dict) -> str:
-    "One line of a transcoder's results."
+    "One line of a transcoder's results, with a warning when it does worse than the least-squares map."
     lm = f", CE {row['ce_clean']:.3f} → {row['ce_spliced']:.3f} (KL {row['kl_div']:.4f})" if "kl_div" in row else ""
     tsp = f", tour length {row['rel_delta_length']:+.2%} spliced" if "rel_delta_length" in row else ""
     sub = row.get("grid_point", "-")
+    warn = f"  {BELOW_LINEAR}" if row["r2"] < row["baseline_r2"] else ""
     return (f"{row['pair']}{'' if sub == '-' else ' ' + sub}: R² {row['r2']:.4f} (linear {row['baseline_r2']:.4f}), "
-            f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.1%}{lm}{tsp}")
+            f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.1%}{lm}{tsp}{warn}")
 
 ARCHITECTURE_NAMES, NORMALIZATION_NAMES = tuple(ARCHITECTURES), NORMALIZATIONS
 
@@ -204,8 +211,8 @@ class CLTGridOptions:
     "sparsity penalty weight (relu, jumprelu)"
     normalize: Literal[NORMALIZATION_NAMES] = "unit_norm"
     "source/target normalisation"
-    skip: bool = False
-    "skip transcoder: add an affine skip started at the least-squares map"
+    skip: Optional[bool] = None
+    "skip transcoder: an affine skip started at the least-squares map (default: on from residual stream to residual stream, else off)"
     eval_rows: int = 16
     "held-out token rows for the spliced next-token loss (0 skips it)"
 
@@ -219,9 +226,10 @@ class CLTGridOptions:
         if len(self.grid()) == 1: return ""
         return f"x{point['expansion_factor']}_" + (f"k{point['k']}" if "k" in point else f"kr{point['k_ratio']:g}")
 
-    def clt_config(self, point: dict) -> CLTConfig:
-        "The `CLTConfig` of one grid point."
+    def clt_config(self, point: dict, pair) -> CLTConfig:
+        "The `CLTConfig` of one grid point for `pair`."
         extra = {"l1_coefficient": self.l1_coefficient} if self.l1_coefficient is not None else {}
-        return CLTConfig(architecture=self.architecture, normalize=self.normalize, skip=self.skip, **point, **extra)
+        skip = default_skip(pair) if self.skip is None else self.skip
+        return CLTConfig(architecture=self.architecture, normalize=self.normalize, skip=skip, **point, **extra)
 
 

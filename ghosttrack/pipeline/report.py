@@ -87,7 +87,8 @@ def clt_rows(g: dict) -> list:
         e = d["eval"]
         rows.append({"transcoder": name, "R²": e["r2"], "linear R²": e["baseline_r2"], "L0": e["l0"],
                      "dead %": 100 * e["dead_fraction"], "KL": (e.get("lm") or {}).get("kl_div"),
-                     "tour Δ": (e.get("policy") or {}).get("rel_delta_length"), "dead<10%": _mark("dead", e["dead_fraction"])})
+                     "tour Δ": (e.get("policy") or {}).get("rel_delta_length"), "dead<10%": _mark("dead", e["dead_fraction"]),
+                     "beats linear": "pass" if e["r2"] >= e["baseline_r2"] else "miss (below the least-squares map)"})
     return rows
 
 def _cell(v) -> str:

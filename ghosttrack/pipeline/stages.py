@@ -22,7 +22,7 @@ from ..core.run_config import RunConfig, apply_overrides, device_overrides
 from ..core.runfolder import activations_dir, open_run, policy_dir, run_saes, saes_dir, save_run_config
 from ..data.corpus import make_corpus
 from ..data.store import hook_dirname
-from ..dictionaries.clt import load_clt, CLTConfig, collect_pairs, parse_layer_pairs
+from ..dictionaries.clt import CLTConfig, collect_pairs, default_skip, load_clt, parse_layer_pairs
 from ..dictionaries.clt_eval import clt_policy_drift, fit_clt
 from ..dictionaries.evaluate import _reconstructor
 from ..dictionaries.sae import load_sae
@@ -142,8 +142,9 @@ def clt_stage(cfg: RunConfig, overwrite: bool = False, progress: bool = True) ->
                   overwrite=overwrite, progress=progress, skip_first=0 if ex.keep_bos else None)
     held_out = None if cfg.tsp else held_out_rows(cfg, source, cfg.eval_rows)
     coords = tsp_instances(cfg, "test").tensor() if cfg.tsp and cfg.eval_rows else None
-    ccfg = CLTConfig(architecture=c.architecture, expansion_factor=c.expansion_factor, k=c.k, normalize=c.normalize, skip=c.skip)
-    rows = [fit_clt(cfg, root, p, ccfg, cfg.run_path / "clts" / p.name, cfg.run_path / "checkpoints" / p.name, overwrite,
+    ccfg = lambda p: CLTConfig(architecture=c.architecture, expansion_factor=c.expansion_factor, k=c.k, normalize=c.normalize,
+                               skip=default_skip(p) if c.skip is None else c.skip)
+    rows = [fit_clt(cfg, root, p, ccfg(p), cfg.run_path / "clts" / p.name, cfg.run_path / "checkpoints" / p.name, overwrite,
                     progress, model, held_out, coords) for p in pairs]
     save_json(rows, cfg.run_path / "clts" / "grid.json")
     return {r["pair"]: r for r in rows}
