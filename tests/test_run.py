@@ -58,6 +58,7 @@ def test_a_failing_stage_stops_the_chain_with_the_cell_and_notebook(tmp_path):
                    "--quiet", check=False, env=QUIET)
     assert r.returncode == 2
     assert "stage 'clt' failed in cell" in r.stderr and "layers=[99]" in r.stderr
+    assert "  | " in r.stderr and "Error" in r.stderr          # the last lines of the traceback, not only the notebook to open
     assert str(run / "notebooks" / "30_dict_clt.ipynb") in r.stderr
     chain = load_json(run / "run.json")
     assert chain["extract"]["status"] == "done" and chain["clt"]["status"] == "failed" and "report" not in chain
@@ -133,3 +134,14 @@ def test_every_stage_has_a_runnable_notebook():
         part = stage_part(nbformat.read(stage_notebook(name), as_version=4))
         run = "".join(c.source for c in part.cells if c.cell_type == "code")
         assert f'job.run("{name}")' in run, name
+
+
+@needs_demo_model
+def test_each_stage_shows_its_own_progress(tmp_path):
+    "Run from a script or batch job (stderr is a file): the stage's own bars arrive as whole lines, not papermill's cell counter."
+    run = tmp_path / "run"
+    r = ghosttrack("run", "--preset", "tiny", "--run-dir", run, "--stages", "extract,train", env=QUIET)
+    lines = r.stderr.splitlines()
+    assert any(l.startswith("extract: 100%") and "tok" in l for l in lines), r.stderr[-2000:]
+    assert any("100%" in l and "step" in l for l in lines), r.stderr[-2000:]     # the trainer's bar, with its steps
+    assert "Executing:" not in r.stderr and "\r" not in r.stderr

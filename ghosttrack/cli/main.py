@@ -25,7 +25,7 @@ from ..core.presets import PRESETS, get_preset
 from ..core.runfolder import run_lock
 from ..data.models import check_device
 from ..dictionaries.trainer import init_distributed
-from ..pipeline.runner import run_stages, run_summary
+from ..pipeline.runner import StageFailed, run_stages, run_summary
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ghosttrack", description="Activations, sparse autoencoders and feature tracks for transformers.")
@@ -67,6 +67,7 @@ CREATES_RUN = ("train-clt", "tsp-train")
 
 def error_line(e: BaseException) -> str:
     "One line for an expected failure: its message, with what to do for the failures of the machine itself."
+    if isinstance(e, StageFailed): return str(e)      # the stage, the last lines of its traceback, the notebook to open
     msg = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) and e.errno == errno.ENOSPC: return f"{msg}: the disk is full; free space or pass --run-dir on another disk, then rerun to resume"
     if isinstance(e, PermissionError): return f"{msg}: no permission; choose a folder you can write (--run-dir) or fix its permissions"

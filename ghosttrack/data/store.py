@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
+from ..core.runlog import tqdm
 import ghosttrack
 
 from ..core.io import ArtifactExists, load_manifest, remove_tree, save_json, save_tensors, verify_sha256

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from ..core.runlog import tqdm
 
 from ..core.config import PerfConfig, TrainConfig, config_to_dict
 from ..core.runlog import wandb_run

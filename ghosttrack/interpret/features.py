@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 import torch
-from tqdm.auto import tqdm
+from ..core.runlog import tqdm
 
 from ..core.io import atomic_path, load_json
 from ..data.store import ActivationStore

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 import ghosttrack
 
 from ..core.config import config_to_dict
 from ..core.runfolder import open_run, save_run_config
+from ..core.runlog import PROGRESS_ENV
 from ..core.io import atomic_path, load_json, save_json
 from ..core.run_config import RunConfig
 from ..dictionaries.clt_eval import clt_line
@@ -65,16 +67,24 @@ def _execute(name: str, cfg: RunConfig, overwrite: bool, progress: bool) -> Path
     with atomic_path(trimmed) as tmp: nbformat.write(stage_part(nbformat.read(src, as_version=4)), str(tmp))
     out = folder / src.name
     params = dict(config=json.dumps(config_to_dict(cfg)), run_dir=str(cfg.run_path), overwrite=overwrite, prerequisites=False,
-                  progress=False)
+                  progress=progress)
     logging.getLogger("papermill").setLevel(logging.WARNING)     # its per-notebook INFO lines only repeat ours
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "terminal"    # the kernel inherits it: the stage's own bars come to this terminal
     try:
-        pm.execute_notebook(str(trimmed), str(out), parameters=params, kernel_name="python3", progress_bar=progress,
+        pm.execute_notebook(str(trimmed), str(out), parameters=params, kernel_name="python3", progress_bar=False,
                             cwd=os.getcwd(), log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except pm.PapermillExecutionError as e:
+        tail = [l for l in _ANSI.sub("", "\n".join(e.traceback or [])).splitlines() if l.strip()][-4:]
         raise StageFailed(f"stage {name!r} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}\n"
-                          f"  open the executed notebook to see it: {out}") from None
-    finally: trimmed.unlink(missing_ok=True)
+                          + "".join(f"  | {l}\n" for l in tail) + f"  open the executed notebook to see it all: {out}") from None
+    finally:
+        trimmed.unlink(missing_ok=True)
+        if before is None: os.environ.pop(PROGRESS_ENV, None)
+        else: os.environ[PROGRESS_ENV] = before
     return out
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def run_stages(cfg: RunConfig, stages=None, resume: bool = False, overwrite: bool = False, notebooks: bool = True,
                progress: bool = True) -> dict:

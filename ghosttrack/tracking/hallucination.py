@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..core.runlog import tqdm
 
 from ..core.io import atomic_path
 from ..data.models import hooked, layer_hookpoints

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import connected_components
-from tqdm.auto import tqdm
+from ..core.runlog import tqdm
 
 
 # %% auto #0

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from scipy.stats import ttest_rel
-from tqdm.auto import tqdm
+from ..core.runlog import tqdm
 
 from ..core.config import ConfigError
 from ..core.io import (append_jsonl, atomic_path, load_json, load_tensors, read_jsonl, remove_tree, save_json,
