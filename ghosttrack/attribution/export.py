@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import re
@@ -14,29 +15,49 @@ import torch
 
 from .graph import Graph
 from .replacement import Node
-from ..core.io import atomic_path, atomic_write_text, load_json
+from ..core.io import atomic_path, atomic_write_text, load_json, save_json
 
 # %% auto #0
-__all__ = ['FEATURE_TYPES', 'GRAPH_SCHEMA', 'CSV_FIELDS', 'KIND_COLORS', 'graph_to_json', 'validate_graph_json',
-           'load_graph_json', 'write_edges_csv', 'draw_graph', 'graph_html']
+__all__ = ['FEATURE_TYPES', 'GRAPH_SCHEMA', 'CSV_FIELDS', 'GRAPH_INDEX', 'INDEX_FIELDS', 'KIND_COLORS', 'cantor_pair',
+           'cumulative_influence', 'graph_to_json', 'validate_graph_json', 'load_graph_json', 'write_edges_csv',
+           'graph_index_entry', 'update_graph_index', 'save_graph_json', 'draw_graph', 'graph_html']
+
+# %% ../../nbs/62_attribution_export.ipynb #07b515f2
+def cantor_pair(x: int, y: int) -> int:
+    "One non-negative integer for the pair `(x, y)` of non-negative integers (Cantor's pairing; the viewer unpairs it)."
+    return (x + y) * (x + y + 1) // 2 + y
+
+def cumulative_influence(g: Graph) -> torch.Tensor:
+    "Each node's running share of its kind's influence, the nodes of a kind from most to least influential: in (0, 1]."
+    inf, kinds = g.pruned.node_influence.double().clamp_min(0), [nd.kind for nd in g.nodes]
+    share = torch.ones(len(kinds), dtype=torch.float64)
+    for kind in set(kinds):
+        idx = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        v = inf[idx]
+        if not v.sum() > 0: continue                          # no influence at all (outputs): 1, the end of the ranking
+        order = v.argsort(descending=True, stable=True)
+        s = torch.empty_like(v)
+        s[order] = (v[order].cumsum(0) / v.sum()).clamp(max=1.0)
+        share[idx] = s
+    return share
 
 # %% ../../nbs/62_attribution_export.ipynb #1782db75
 FEATURE_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error", "embedding": "embedding", "output": "logit"}
 
-def _node_json(g: Graph, i: int, nd: Node) -> dict:
+def _node_json(g: Graph, i: int, nd: Node, share: float, target: bool) -> dict:
     T, toks = g.meta["n_positions"], g.meta["tokens"]
     d = {"feature_type": FEATURE_TYPES[nd.kind], "ctx_idx": nd.pos, "reverse_ctx_idx": T - 1 - nd.pos, "run_idx": 0,
-         "influence": float(g.pruned.node_influence[i]), "activation": nd.value, "token_prob": nd.prob,
-         "is_target_logit": nd.kind == "output" and nd.index == g.meta["target_index"]}
+         "influence": share, "own_influence": float(g.pruned.node_influence[i]), "activation": nd.value, "token_prob": nd.prob,
+         "is_target_logit": target}
     if nd.kind == "feature":
         offset, dname, dkind, hp = g.meta["groups"][str(nd.group)]
-        d.update(node_id=f"{nd.layer}_{offset + nd.index}_{nd.pos}", feature=offset + nd.index, layer=str(nd.layer),
+        d.update(node_id=f"{nd.layer}_{offset + nd.index}_{nd.pos}", feature=cantor_pair(nd.layer, offset + nd.index), layer=str(nd.layer),
                  dictionary=dname, local_feature=nd.index, clerp=g.labels.get(i, f"{dname} #{nd.index}"))
     elif nd.kind == "error":
-        d.update(node_id=f"{nd.layer}_err{nd.group}_{nd.pos}", feature=None, layer=str(nd.layer), site=nd.group,
+        d.update(node_id=f"{nd.layer}_err{nd.group}_{nd.pos}", feature=-1 - nd.group, layer=str(nd.layer), site=nd.group,
                  clerp=f"error {g.meta['error_sites'][nd.group]} @{toks[nd.pos]!r}")
     elif nd.kind == "embedding":
-        d.update(node_id=f"E_{nd.index}_{nd.pos}", feature=nd.index, layer="E", clerp=f"embedding {toks[nd.pos]!r}")
+        d.update(node_id=f"E_{nd.index}_{nd.pos}", feature=nd.pos, layer="E", clerp=f"embedding {toks[nd.pos]!r}")
     else:
         what = "action" if g.meta["is_policy"] else "Output"
         d.update(node_id=f"{nd.layer}_{nd.index}_{nd.pos}", feature=nd.index, layer=str(nd.layer),
@@ -44,40 +65,75 @@ def _node_json(g: Graph, i: int, nd: Node) -> dict:
     d["jsNodeId"] = d["node_id"].rsplit("_", 1)[0] + "-" + str(nd.pos)
     return d
 
-def graph_to_json(g: Graph, slug: str, prompt: str = "", scan: str = "") -> dict:
-    "The circuit-tracer frontend JSON of the pruned graph."
+def _target_output(g: Graph) -> int:
+    "The output node explained: the one of the target token (or action), else the likeliest."
+    outs = [i for i, nd in enumerate(g.nodes) if nd.kind == "output"]
+    return next((i for i in outs if g.nodes[i].index == g.meta["target_index"]), max(outs, key=lambda i: g.nodes[i].prob, default=-1))
+
+def _transcoders(g: Graph) -> list[str]:
+    "`transcoder_list`: per layer, the dictionary (dictionaries, `+`-joined) whose features sit there; `''` for none."
+    layers = [nd.layer for nd in g.nodes if nd.kind in ("feature", "error")]
+    names = [set() for _ in range(max(layers, default=-1) + 1)]
+    for nd in g.nodes:
+        if nd.kind == "feature": names[nd.layer].add(g.meta["groups"][str(nd.group)][1])
+    return ["+".join(sorted(n)) for n in names]
+
+def graph_to_json(g: Graph, slug: str, prompt: str = "", model: str = "", scan: str | None = None) -> dict:
+    """The circuit-tracer frontend JSON of the pruned graph. `model`: the explained model's name (kept in `metadata.info`);
+    `scan`: the dictionary set's name (default: the single dictionary's name, else `custom-<hash of their names>`)."""
     keep = g.pruned.node_mask.nonzero().flatten().tolist()
-    nodes = {i: _node_json(g, i, g.nodes[i]) for i in keep}
+    share, target = cumulative_influence(g), _target_output(g)
+    nodes = {i: _node_json(g, i, g.nodes[i], float(share[i]), i == target) for i in keep}
     t, s = g.pruned.edge_mask.nonzero(as_tuple=True)
     links = [{"source": nodes[int(b)]["node_id"], "target": nodes[int(a)]["node_id"], "weight": float(g.A[a, b])}
              for a, b in zip(t.tolist(), s.tolist()) if a in nodes and b in nodes]
-    return {"metadata": {"slug": slug, "scan": scan, "prompt": prompt, "prompt_tokens": g.meta["tokens"], "schema_version": 1,
-                         "node_threshold": g.pruned.stats["node_threshold"], "info": {"creator": "ghosttrack", "scores": g.scores,
-                         "pruning": g.pruned.stats, "dictionaries": g.meta["dictionaries"], "seconds": g.meta["seconds"]}},
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sparsityThreshold": None},
+    names = g.meta["dictionaries"]
+    if scan is None: scan = names[0] if len(names) == 1 else "custom-" + hashlib.sha1("-".join(names).encode()).hexdigest()[:12]
+    return {"metadata": {"slug": slug, "scan": scan, "transcoder_list": _transcoders(g), "prompt": prompt, "prompt_tokens": g.meta["tokens"],
+                         "schema_version": 1, "node_threshold": g.pruned.stats["node_threshold"],
+                         "info": {"creator": "ghosttrack", "model": model, "scores": g.scores, "pruning": g.pruned.stats,
+                                  "dictionaries": names, "seconds": g.meta["seconds"]}},
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": list(nodes.values()), "links": links}
 
 GRAPH_SCHEMA = {
     "type": "object", "required": ["metadata", "qParams", "nodes", "links"],
     "properties": {
-        "metadata": {"type": "object", "required": ["slug", "prompt_tokens"], "properties": {"prompt_tokens": {"type": "array", "items": {"type": "string"}}}},
-        "qParams": {"type": "object"},
+        "metadata": {"type": "object", "required": ["slug", "scan", "transcoder_list", "prompt_tokens", "prompt"],
+                     "properties": {"slug": {"type": "string"}, "scan": {"type": "string"}, "prompt": {"type": "string"},
+                                    "transcoder_list": {"type": "array", "items": {"type": "string"}},
+                                    "prompt_tokens": {"type": "array", "items": {"type": "string"}},
+                                    "node_threshold": {"type": ["number", "null"]}, "schema_version": {"type": ["integer", "null"]}}},
+        "qParams": {"type": "object", "required": ["pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"],
+                    "properties": {"pinnedIds": {"type": "array", "items": {"type": "string"}}, "linkType": {"type": "string"},
+                                   "supernodes": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+                                   "clickedId": {"type": "string"}, "sg_pos": {"type": "string"}}},
         "nodes": {"type": "array", "items": {"type": "object", "required": ["node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId",
                                                                              "clerp", "influence", "activation", "token_prob", "is_target_logit"],
-                  "properties": {"node_id": {"type": "string"}, "layer": {"type": "string"}, "ctx_idx": {"type": "integer", "minimum": 0},
+                  "properties": {"node_id": {"type": "string"}, "feature": {"type": "integer"}, "layer": {"type": "string"},
+                                 "ctx_idx": {"type": "integer", "minimum": 0}, "jsNodeId": {"type": "string"}, "clerp": {"type": "string"},
                                  "feature_type": {"enum": list(FEATURE_TYPES.values())}, "is_target_logit": {"type": "boolean"},
-                                 "influence": {"type": "number"}, "activation": {"type": "number"}}}},
+                                 "influence": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "activation": {"type": "number"},
+                                 "token_prob": {"type": "number"}}}},
         "links": {"type": "array", "items": {"type": "object", "required": ["source", "target", "weight"],
                   "properties": {"source": {"type": "string"}, "target": {"type": "string"}, "weight": {"type": "number"}}}}}}
 
 def validate_graph_json(d: dict):
-    "Raise if `d` does not follow `GRAPH_SCHEMA`, or a link names a node that is not there."
+    """Raise if `d` does not follow `GRAPH_SCHEMA`, its node ids repeat, a link names a node that is not there, it has
+    not exactly one target output, or (schema version 1) a feature's `feature` is not the pairing of its layer and index."""
     import jsonschema
     jsonschema.validate(d, GRAPH_SCHEMA)
     ids = [n["node_id"] for n in d["nodes"]]
     if len(set(ids)) != len(ids): raise ValueError("graph JSON: node ids are not unique")
     bad = [l for l in d["links"] if l["source"] not in set(ids) or l["target"] not in set(ids)]
     if bad: raise ValueError(f"graph JSON: {len(bad)} links name missing nodes, e.g. {bad[0]}")
+    targets = [n["node_id"] for n in d["nodes"] if n["is_target_logit"]]
+    if len(targets) != 1 or any(n["feature_type"] != "logit" for n in d["nodes"] if n["is_target_logit"]):
+        raise ValueError(f"graph JSON: expected exactly one target output (is_target_logit), found {targets[:5]}")
+    if d["metadata"].get("schema_version") == 1:
+        bad = [n["node_id"] for n in d["nodes"] if n["feature_type"] == "cross layer transcoder"
+               and n["feature"] != cantor_pair(int(n["layer"]), int(n["node_id"].split("_")[1]))]
+        if bad: raise ValueError(f"graph JSON: {len(bad)} features' `feature` is not the pairing of layer and index, e.g. {bad[0]}")
 
 def load_graph_json(path) -> tuple[list, torch.Tensor]:
     "`(nodes, A)` of a graph JSON: the node records and the pruned adjacency `A[target, source]` in their order."
@@ -104,7 +160,48 @@ def write_edges_csv(d: dict, path) -> Path:
     return Path(path)
 
 # %% ../../nbs/62_attribution_export.ipynb #ea3fa767
+GRAPH_INDEX = "graph-metadata.json"
+INDEX_FIELDS = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold", "schema_version")
+
+def graph_index_entry(d: dict) -> dict:
+    "The record of graph JSON `d` in `graph-metadata.json`: its metadata, less our `info`."
+    return {k: d["metadata"][k] for k in INDEX_FIELDS if k in d["metadata"]}
+
+def _indexed_graphs(folder: Path) -> list[dict]:
+    "Records of the graph JSONs in `folder` (files that are not graphs are passed over)."
+    out = []
+    for p in sorted(folder.glob("*.json")):
+        if p.name == GRAPH_INDEX: continue
+        try: d = load_json(p)
+        except (OSError, ValueError): continue
+        if isinstance(d, dict) and isinstance(d.get("metadata"), dict) and d["metadata"].get("slug") == p.stem and "nodes" in d:
+            out.append(graph_index_entry(d))
+    return out
+
+def update_graph_index(folder, entries: list[dict]) -> Path:
+    "Merge `entries` into `folder/graph-metadata.json` (same slug replaced, graphs without a JSON dropped; atomic write)."
+    folder = Path(folder)
+    path = folder / GRAPH_INDEX
+    try: graphs = load_json(path)["graphs"] if path.exists() else []
+    except (OSError, ValueError, KeyError, TypeError): graphs = _indexed_graphs(folder)       # unreadable: rebuilt from the files
+    new = {e["slug"] for e in entries}
+    graphs = [g for g in graphs if isinstance(g, dict) and g.get("slug") not in new and (folder / f"{g.get('slug')}.json").exists()]
+    save_json({"graphs": graphs + list(entries)}, path)
+    return path
+
+def save_graph_json(d: dict, path) -> Path:
+    "Write graph JSON `d` to `path` (atomic) and merge it into the folder's `graph-metadata.json`."
+    path = Path(path)
+    save_json(d, path)
+    update_graph_index(path.parent, [graph_index_entry(d)])
+    return path
+
+# %% ../../nbs/62_attribution_export.ipynb #78f27d20
 KIND_COLORS = {"cross layer transcoder": "#4c72b0", "mlp reconstruction error": "#999999", "embedding": "#55a868", "logit": "#dd8452"}
+
+def _own(n: dict) -> float:
+    "A node's own influence on the outputs (graphs written before `own_influence` kept it in `influence`)."
+    return abs(n.get("own_influence", n["influence"]))
 
 def _layout(d: dict) -> dict:
     "`{node_id: (x, y)}`: x = position (nodes of a cell spread sideways), y = layer (embeddings −1, outputs top)."
@@ -113,7 +210,7 @@ def _layout(d: dict) -> dict:
     for n in d["nodes"]: cells.setdefault((n["ctx_idx"], y(n)), []).append(n)
     xy = {}
     for (x, yy), ns in cells.items():
-        ns.sort(key=lambda n: -abs(n["influence"]))
+        ns.sort(key=lambda n: -_own(n))
         for k, n in enumerate(ns): xy[n["node_id"]] = (x + (k - (len(ns) - 1) / 2) * min(0.8 / max(len(ns), 1), 0.15), yy)
     return xy
 
@@ -132,10 +229,10 @@ def draw_graph(d: dict, path=None, max_edges: int = 400, ax=None):
         (x0, y0), (x1, y1) = xy[l["source"]], xy[l["target"]]
         ax.plot([x0, x1], [y0, y1], color="#3b6fb6" if l["weight"] > 0 else "#c44e52", lw=0.3 + 3 * abs(l["weight"]) / wmax,
                 alpha=0.25 + 0.5 * abs(l["weight"]) / wmax, zorder=1)
-    imax = max((abs(n["influence"]) for n in d["nodes"]), default=1.0) or 1.0
+    imax = max((_own(n) for n in d["nodes"]), default=1.0) or 1.0
     for n in d["nodes"]:
         x, y = xy[n["node_id"]]
-        ax.scatter([x], [y], s=20 + 200 * abs(n["influence"]) / imax, c=KIND_COLORS[n["feature_type"]], zorder=2, edgecolors="k", linewidths=0.3)
+        ax.scatter([x], [y], s=20 + 200 * _own(n) / imax, c=KIND_COLORS[n["feature_type"]], zorder=2, edgecolors="k", linewidths=0.3)
     outs = sorted((n for n in d["nodes"] if n["feature_type"] == "logit"), key=lambda n: -n["token_prob"])[:5]
     for n in outs:
         x, y = xy[n["node_id"]]
@@ -174,11 +271,12 @@ const lines = G.links.map(l => { const e = document.createElementNS(ns, "line"),
   e.setAttribute("opacity", .35); svg.appendChild(e); return [l, e]; });
 G.metadata.prompt_tokens.forEach((t, i) => { const e = document.createElementNS(ns, "text"); e.textContent = t;
   e.setAttribute("x", px(i)); e.setAttribute("y", H - 10); e.setAttribute("text-anchor", "middle"); e.setAttribute("font-size", 10); svg.appendChild(e); });
-const imax = Math.max(1e-12, ...G.nodes.map(n => Math.abs(n.influence)));
+const own = n => Math.abs(n.own_influence ?? n.influence);
+const imax = Math.max(1e-12, ...G.nodes.map(own));
 G.nodes.forEach(n => { const c = document.createElementNS(ns, "circle"), p = XY[n.node_id];
-  c.setAttribute("cx", px(p[0])); c.setAttribute("cy", py(p[1])); c.setAttribute("r", 3 + 8 * Math.sqrt(Math.abs(n.influence) / imax));
+  c.setAttribute("cx", px(p[0])); c.setAttribute("cy", py(p[1])); c.setAttribute("r", 3 + 8 * Math.sqrt(own(n) / imax));
   c.setAttribute("fill", colors[n.feature_type]); c.setAttribute("stroke", "#000"); c.setAttribute("stroke-width", .4);
-  c.onmouseenter = () => { info.textContent = `${n.node_id}  ${n.clerp}\nactivation ${(+n.activation).toFixed(3)}  influence ${(+n.influence).toFixed(4)}`;
+  c.onmouseenter = () => { info.textContent = `${n.node_id}  ${n.clerp}\nactivation ${(+n.activation).toFixed(3)}  influence ${own(n).toFixed(4)} (share ${(+n.influence).toFixed(3)})`;
     lines.forEach(([l, e]) => e.setAttribute("opacity", l.source == n.node_id || l.target == n.node_id ? .95 : .05)); };
   c.onmouseleave = () => lines.forEach(([l, e]) => e.setAttribute("opacity", .35));
   svg.appendChild(c); });

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 import torch
 
-from .export import draw_graph, graph_html, graph_to_json, write_edges_csv
+from .export import draw_graph, graph_html, graph_to_json, save_graph_json, write_edges_csv
 from .graph import build_graph, describe_path, static_clt_graph, top_paths
 from .replacement import as_dictionary
 from ..core.io import load_json, check_overwrite, save_json
@@ -170,13 +170,13 @@ def attribute(run_dir, prompt: str | None = None, instance: int | None = None, d
                     batch_size=batch_size, output_mass=output_mass, max_outputs=max_outputs, step=step)
     g.labels = _feature_labels(g, dicts, run, model, decode)
     g.meta["output_tokens"] = {str(nd.index): (decode(nd.index) if decode else f"city {nd.index}") for nd in g.nodes if nd.kind == "output"}
-    d = graph_to_json(g, slug, prompt if prompt is not None else f"instance {instance} (seed {seed}), step {step}", scan)
+    d = graph_to_json(g, slug, prompt if prompt is not None else f"instance {instance} (seed {seed}), step {step}", model=scan)
     paths_found = [(e, describe_path(g, p)) for e, p in top_paths(g, k=5)]
     d["metadata"]["info"]["top_paths"] = [{"effect": e, "path": p} for e, p in paths_found]
     write_edges_csv(d, paths["csv"])
     draw_graph(d, paths["png"])
     graph_html(d, paths["html"])
-    save_json(d, paths["json"])                       # last: the finished marker
+    save_graph_json(d, paths["json"])                 # last: the finished marker; indexed in graph-metadata.json
     if static:
         for dd in dicts:
             if dd.kind != "sae": save_json(static_clt_graph(dd.obj), out / f"static_{dd.name}.json")

@@ -143,10 +143,12 @@ def frequency_plot(freqs: dict):
     import matplotlib.pyplot as plt
     import numpy as np
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.linspace(-6, 0, 49)
+    bins = np.linspace(-7, 0, 57)                          # the bucket left of -6 holds the dead features
     for name, f in freqs.items():
-        ax.hist(np.log10(np.clip(f, 1e-6, None)), bins=bins, histtype="step", label=f"{name} (dead {np.mean(f == 0):.1%})")
-    ax.set(xlabel="log10 firing frequency (dead features at -6)", ylabel="features", title="feature frequency")
+        x = np.where(f > 0, np.log10(np.clip(f, 1e-6, None)), -6.5)
+        ax.hist(x, bins=bins, histtype="step", label=f"{name} (dead {np.mean(f == 0):.1%})")
+    ax.set_xticks([-6.5, -6, -5, -4, -3, -2, -1, 0], ["dead", "-6", "-5", "-4", "-3", "-2", "-1", "0"])
+    ax.set(xlabel="log10 firing frequency", ylabel="features", title="feature frequency")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
