@@ -100,7 +100,7 @@ def test_tsp_preset_chain_without_notebooks(tmp_path):
     assert [e["epoch"] for e in read_jsonl(run / "policy" / "history.jsonl") if e.get("kind") == "epoch"] == [0, 1, 2, 3]
     assert load_json(store)["model"] == old_model
     ghosttrack(*longer, "--stages", "extract", "--overwrite", env=QUIET)
-    assert load_json(store)["model"].startswith("tsp-attention:") and load_json(store)["model"] != old_model
+    assert load_json(store)["model"].startswith("AttentionPolicy@") and load_json(store)["model"] != old_model
 
 
 def test_wheel_ships_the_stage_notebooks_and_finds_them(tmp_path):

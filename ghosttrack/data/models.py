@@ -137,7 +137,7 @@ def model_family(model: nn.Module) -> Family | None:
 def check_same_model(recorded: str, model: nn.Module, what: str) -> None:
     """Refuse `what` (a dictionary, a store) made from another model than `model`. Names recorded before identities
     were content-based (folder paths) are not compared."""
-    if not recorded or ("@" not in recorded and not recorded.startswith("tsp-attention:")): return
+    if not recorded or "@" not in recorded: return
     if recorded != (now := model_name(model)):
         raise ValueError(f"{what} was made from the model {recorded}, but this run's model is {now}; the run's config.json "
                          "names another model than the one its dictionaries came from")
@@ -183,12 +183,11 @@ def _weights_digest(model: nn.Module, config: dict | None) -> str:
 def model_name(model: nn.Module) -> str:
     """The identity of a model, recorded in stores, dictionaries, graphs and tracks and compared before reuse:
     `<model_type>@<digest>` for a Hugging Face model (config and weights, not the folder it came from, so a model
-    converted, read from a cache or moved is the same model and another checkpoint is another), a module's own
-    `name_or_path` where it sets one (a TSP policy: the hash of its weights file), else `<class>@<digest>`."""
+    converted, read from a cache or moved is the same model and another checkpoint is another), `<class>@<digest>`
+    for any other module (its weights)."""
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"): return f"{getattr(cfg, 'model_type', '') or type(model).__name__}@{_weights_digest(model, cfg.to_dict())}"
-    if isinstance(getattr(model, "name_or_path", None), str) and model.name_or_path: return model.name_or_path
-    return f"{type(model).__name__}@{_weights_digest(model, None)}"
+    return f"{type(model).__name__}@{_weights_digest(model, None)}"   # any module: a TSP policy trained here or loaded from its file
 
 # %% ../../nbs/12_data_models.ipynb #334508f7
 _TL = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|hook_mlp_in|hook_mlp_out|ln1\.hook_normalized|ln2\.hook_normalized)$")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from ..core.io import load_tensors, save_tensors, sha256_file
+from ..core.io import load_tensors, save_tensors
 from ..data.models import patch_hookpoint
 from ..core.run_config import NORMS
 
@@ -270,7 +270,6 @@ def load_policy(path, device: str = "cpu") -> AttentionPolicy:
     if "policy_config" not in meta: raise ValueError(f"{path} is not a ghosttrack TSP policy (no policy_config in its metadata)")
     policy = AttentionPolicy(**json.loads(meta["policy_config"]))
     policy.load_state_dict(load_tensors(path, device=device, finite=True))
-    policy.name_or_path = f"tsp-attention:{sha256_file(path)[:16]}"   # stores and dictionaries record which weights made them
     return policy.to(device).eval()
 
 # %% ../../nbs/16_tsp_policy.ipynb #8794b458
