@@ -86,9 +86,10 @@ def kill_when(args, ready, timeout=300, poll=0.02):
     return False
 
 
-# Under the README's test command (GHOSTTRACK_STRICT_SKIPS=1) a test may skip only for what the machine lacks;
+# Under the README's test command (GHOSTTRACK_STRICT_SKIPS=1) a test may skip only for what the machine lacks (a GPU,
+# a browser, a JavaScript runtime);
 # any other skip (missing test data, a peer that failed to install) fails the run and says which.
-ALLOWED_SKIPS = ("needs a CUDA GPU", "no headless Chromium")
+ALLOWED_SKIPS = ("needs a CUDA GPU", "no headless Chromium", "node is not on the PATH")
 _skips = []
 
 

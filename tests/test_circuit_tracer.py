@@ -195,3 +195,10 @@ def test_viewer_javascript_reads_the_graph(graphs, tmp_path):
     assert out["label"] == "a label by hand" and "local-clerp-clt_all" in out["storage"]
     target = [n for n in d["nodes"] if n["is_target_logit"]][0]
     assert out["target"] == [round(target["token_prob"], 3)]        # the probability the viewer reads from the label
+
+
+def test_the_pinned_circuit_tracer_is_the_one_tested():
+    pin = next(l.strip() for l in (ROOT / ".ci" / "peers.txt").read_text().splitlines() if l.startswith("circuit-tracer=="))
+    r = subprocess.run([CT_PYTHON, "-c", "import importlib.metadata as m; print(m.version('circuit-tracer'))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == pin.split("==")[1], (r.stdout, r.stderr[-500:], pin)
