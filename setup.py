@@ -1,9 +1,9 @@
 """Package metadata comes from settings.ini, the one place nbdev and pip both read."""
 import json
+import re
 from configparser import ConfigParser
 from pathlib import Path
 
-from packaging.version import Version
 import setuptools
 from setuptools.command.build_py import build_py
 
@@ -13,7 +13,8 @@ cfg = config["DEFAULT"]
 
 for key in "version description keywords author author_email".split():
     assert key in cfg, f"settings.ini is missing {key}"
-Version(cfg["version"])  # refuse a malformed version early
+# refuse a malformed version early (a plain check: a fresh venv has setuptools but not `packaging`, and setup.py runs there)
+assert re.fullmatch(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?", cfg["version"]), f"settings.ini: malformed version {cfg['version']!r}"
 
 licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable"]
