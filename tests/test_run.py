@@ -31,8 +31,16 @@ def injected(nb_path) -> dict:
 def test_demo_preset_runs_offline_through_the_notebooks(tmp_path):
     run = tmp_path / "demo"
     small = ["--set", "extract.num_tokens=2048", "--set", "train.num_epochs=1", "--set", "eval_rows=2", "--set", "sae.expansion_factor=2"]
-    r = ghosttrack("run", "--preset", "demo", "--run-dir", run, *small, "--quiet", env={**QUIET, "HF_HUB_OFFLINE": "1"})
+    # an empty model cache: the first run converts the model in one process and reads the cache in the next ones,
+    # and every SAE must still be measured spliced into the model it came from (its identity is its weights)
+    r = ghosttrack("run", "--preset", "demo", "--run-dir", run, *small, "--quiet",
+                   env={**QUIET, "HF_HUB_OFFLINE": "1", "GHOSTTRACK_CACHE": str(tmp_path / "empty-cache")})
     assert "CE rec" in r.stdout and "report:" in r.stdout
+    rows = [l.split() for l in r.stdout.splitlines() if l.startswith("blocks.")]
+    assert len(rows) == 3 and all(row[6] != "-" and row[7] != "-" for row in rows), r.stdout   # CE recovered and KL, not "–"
+    for layer in (3, 9, 15):
+        lm = load_json(run / "saes" / f"blocks.{layer}.hook_resid_post" / "lm_eval.json")
+        assert 0 < lm["ce_clean"] < lm["ce_zero_ablation"] and lm["kl_div"] >= 0
     chain = load_json(run / "run.json")
     assert list(chain) == ["extract", "train", "evaluate", "report"]
     assert all(s["status"] == "done" for s in chain.values())
