@@ -75,12 +75,15 @@ def test_exact_solver_matches_brute_force(n):
         assert tour_len(xy, tour) == pytest.approx(tour_len(xy, brute_force(xy)), abs=1e-9)
 
 
-def test_trained_tiny_policy_beats_random_tours(tiny_run):
+def test_training_improves_on_the_same_policy_untrained(tiny_run):
+    "An untrained attention policy already beats random tours, so training must beat the untrained policy itself."
     policy = load_policy(tiny_run)
     x = TSPInstances(10, seed=4321, num_instances=500).tensor()
     greedy = policy_lengths(policy, x).mean().item()
+    torch.manual_seed(0)
+    untrained = policy_lengths(AttentionPolicy(**policy.config).eval(), x).mean().item()
     rand = tour_length(x, random_tours(500, 10, torch.Generator().manual_seed(0))).mean().item()
-    assert greedy < 0.75 * rand, (greedy, rand)
+    assert greedy < 0.85 * untrained < 0.85 * rand, (greedy, untrained, rand)   # measured: 3.09 vs 4.18 vs ~5.2
     history = read_jsonl(tiny_run / "history.jsonl")
     assert any(r.get("baseline_replaced") for r in history), "the rollout baseline was never replaced"
 
