@@ -234,7 +234,8 @@ class Trainer:
             n += len(y)
         self.model.train()
         total_var = (s2 - s * s / n).sum().item()
-        return {"val_mse": sse / n / y.shape[-1], "val_fvu": sse / total_var, "val_l0": l0 / n,
+        # MSE per token (squared error summed over dimensions, as SAELens and sparsify report it) and per element
+        return {"val_mse_per_token": sse / n, "val_mse": sse / n / y.shape[-1], "val_fvu": sse / total_var, "val_l0": l0 / n,
                 "val_dead_frac": 1 - fired.float().mean().item(), "val_rows": n}
 
     def start(self):
