@@ -29,8 +29,8 @@ from .sae import make_sae, save_sae
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'lr_lambda', 'save_checkpoint', 'load_checkpoint', 'rank0_decides', 'init_distributed', 'prefetched', 'Trainer',
-           'prepare_training', 'train_sae']
+__all__ = ['log', 'DEAD_WINDOW_TOKENS', 'lr_lambda', 'save_checkpoint', 'load_checkpoint', 'rank0_decides', 'init_distributed',
+           'prefetched', 'Trainer', 'prepare_training', 'train_sae']
 
 # %% ../../nbs/25_dict_trainer.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -141,6 +141,9 @@ def prefetched(batches, n: int, device):
 def _target(batch): return batch[-1] if isinstance(batch, (tuple, list)) else batch
 def _inputs(batch): return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 def _rows(batch, idx): return tuple(b[idx] for b in batch) if isinstance(batch, (tuple, list)) else batch[idx]
+
+DEAD_WINDOW_TOKENS = 10_000_000
+"the window of training tokens over which a latent that never fired counts as dead (the field's usual 10M)"
 
 class Trainer:
     "Fits one dictionary on an activation dataset; resumable, logged, validated; optional fast paths and DDP."
@@ -302,6 +305,12 @@ class Trainer:
         raise RuntimeError(f"{self.name}: training diverged ({what}); nothing was saved past the last checkpoint. Lower train.lr, "
                            "check the activations, or turn off perf.autocast; rerun to resume from the last checkpoint")
 
+    def dead_latents(self, window: int = DEAD_WINDOW_TOKENS) -> dict:
+        """Dead latents as the field counts them (sparsify, SAELens): the share that did not fire in the last `window`
+        training tokens (default 10M), or in the whole training when it was shorter; the window is reported with it."""
+        w = min(window, self.step * self.cfg.batch_size)
+        return {"dead_frac": (self.since_fired_F >= w).float().mean().item(), "dead_window_tokens": w}
+
     def finish(self) -> dict:
         "Final validation, save the artifact and `summary.json` (rank 0), close the logs; returns the summary."
         self.bar.close()
@@ -310,7 +319,8 @@ class Trainer:
         final = self.validate()
         summary = {"name": self.name, "steps": self.step, "epochs": self.cfg.num_epochs, "train_rows_per_epoch": self.train_data.num_rows,
                    "train_seconds": self.t_train, "tokens_per_second": self.step * self.cfg.batch_size / max(self.t_train, 1e-9),
-                   "best_val_fvu": min(self.best, final["val_fvu"]), "wandb_run_id": self.run_id, **final, **self.meta}
+                   "best_val_fvu": min(self.best, final["val_fvu"]), "wandb_run_id": self.run_id, **final, **self.meta,
+                   **self.dead_latents()}
         if self.main:
             self.save_fn(self.model, self.out_dir, overwrite=True)
             save_json(summary, self.out_dir / "summary.json")

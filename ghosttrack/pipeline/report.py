@@ -74,10 +74,10 @@ def sae_rows(g: dict) -> list:
     for name, d in g["saes"].items():
         s, lm = d["summary"], d["lm"] or {}
         rows.append({"hookpoint": s.get("hookpoint", name), "arch": s.get("architecture", ""), "d_sae": s.get("d_sae"),
-                     "FVU": s["val_fvu"], "L0": s["val_l0"], "dead %": 100 * s["val_dead_frac"],
+                     "FVU": s["val_fvu"], "L0": s["val_l0"], "dead %": 100 * s.get("dead_frac", s["val_dead_frac"]),
                      "CE rec": lm.get("ce_recovered"), "KL": lm.get("kl_div"),
                      "FVU<0.01": _mark("fvu", s["val_fvu"]), "L0 50–100": _mark("l0", s["val_l0"]),
-                     "dead<10%": _mark("dead", s["val_dead_frac"])})
+                     "dead<10%": _mark("dead", s.get("dead_frac", s["val_dead_frac"]))})
     return rows
 
 def clt_rows(g: dict) -> list:

@@ -124,7 +124,7 @@ def summary_table(res: dict) -> str:
             e = lm.get(hp, {})
             ce = f"{e['ce_recovered']:>7.3f} {e['kl_div']:>7.3f}" if e else f"{'-':>7} {'-':>7}"
             lines.append(f"{hp:<28} {s.get('architecture', ''):>9} {s.get('d_sae', 0):>6} {s['val_fvu']:>7.4f} {s['val_l0']:>6.1f} "
-                         f"{100 * s['val_dead_frac']:>6.1f} {ce} {s['tokens_per_second']:>7,.0f}")
+                         f"{100 * s.get('dead_frac', s['val_dead_frac']):>6.1f} {ce} {s['tokens_per_second']:>7,.0f}")
     return "\n".join(lines)
 
 # %% ../../nbs/80_pipeline_run.ipynb #f873b93c
