@@ -41,6 +41,26 @@ def tiny_run(model_dir, run, layers, num_tokens, shard_tokens):
     return run
 
 
+
+def clt_run(model_dir, text, run, num_tokens, train_cfg):
+    "A run folder: the tiny GPT-2's activations on `text` and a multi-layer CLT (`clts/clt_all`); returns `(model, token source)`."
+    import torch
+    from ghosttrack.core.config import ExtractConfig, save_config
+    from ghosttrack.core.run_config import RunConfig
+    from ghosttrack.data.corpus import TextCorpus, TokenSource
+    from ghosttrack.data.models import load_model
+    from ghosttrack.data.store import extract_activations
+    from ghosttrack.dictionaries.clt_multi import MultiLayerCLTConfig, multilayer_hookpoints, train_multilayer_clt
+    torch.set_num_threads(1)
+    model, tok = load_model(str(model_dir))
+    srcs, tgts = multilayer_hookpoints(model)
+    src = TokenSource(TextCorpus(text), tok, 32)
+    extract_activations(model, src, srcs + tgts, run / "activations", num_tokens, batch_size=16, shard_tokens=2048, progress=False)
+    train_multilayer_clt(run / "activations", srcs, tgts, MultiLayerCLTConfig(expansion_factor=2, k=8, normalize="unit_norm", skip=True),
+                         train_cfg, run / "clts" / "clt_all", run / "checkpoints" / "clt_all", progress=False)
+    save_config(RunConfig(name="lm", run_dir=str(run), extract=ExtractConfig(model=str(model_dir))), run / "config.json")
+    return model, src
+
 CLI = [sys.executable, "-c", "import sys; from ghosttrack.cli.main import main; sys.exit(main())"]
 
 

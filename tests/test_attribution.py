@@ -5,7 +5,6 @@ pipeline run of the built-in Llama (SmolLM2) with its pairwise transcoder; on a 
 transcoder — a `tsp-train` folder and a pipeline run folder (policy in `policy/`) — the command explains the policy's
 chosen action."""
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -14,14 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ghosttrack.data.store import extract_activations
+from conftest import clt_run
 from ghosttrack.attribution.replacement import ReplacementModel, compute_adjacency
 from ghosttrack.attribution.export import load_graph_json, validate_graph_json
 from ghosttrack.attribution.graph import ablation_agreement, graph_scores
-from ghosttrack.dictionaries.clt_multi import MultiLayerCLTConfig, load_multilayer_clt, multilayer_hookpoints, train_multilayer_clt
-from ghosttrack.core.config import ExtractConfig, TrainConfig, save_config
-from ghosttrack.core.run_config import RunConfig
-from ghosttrack.data.corpus import TextCorpus, TokenSource
+from ghosttrack.dictionaries.clt_multi import load_multilayer_clt
+from ghosttrack.core.config import TrainConfig
 from ghosttrack.core.io import load_json, save_json
 from ghosttrack.data.models import load_model
 
@@ -40,15 +37,8 @@ def attribute(*args, check=True):
 @pytest.fixture(scope="module")
 def lm_run(tiny_model_dir, wikitext, tmp_path_factory):
     "A run folder: the tiny GPT-2 and a multi-layer CLT trained on 4k WikiText tokens."
-    torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("attr") / "lm"
-    model, tok = load_model(str(tiny_model_dir))
-    srcs, tgts = multilayer_hookpoints(model)
-    src = TokenSource(TextCorpus(wikitext), tok, 32)
-    extract_activations(model, src, srcs + tgts, run / "activations", 4000, batch_size=16, shard_tokens=2048, progress=False)
-    train_multilayer_clt(run / "activations", srcs, tgts, MultiLayerCLTConfig(expansion_factor=2, k=8, normalize="unit_norm", skip=True),
-                         TrainConfig(**TCFG), run / "clts" / "clt_all", run / "checkpoints" / "clt_all", progress=False)
-    save_config(RunConfig(name="lm", run_dir=str(run), extract=ExtractConfig(model=str(tiny_model_dir))), run / "config.json")
+    model, src = clt_run(tiny_model_dir, wikitext, run, 4000, TrainConfig(**TCFG))
     held_out = [r[:12] for _, r in zip(range(12), src.rows(skip_rows=400))]
     return run, model, load_multilayer_clt(run / "clts" / "clt_all").eval(), held_out
 

@@ -21,19 +21,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ghosttrack.attribution.export import GRAPH_INDEX, cantor_pair, validate_graph_json  # noqa: E402
 from ghosttrack.attribution.run import attribute  # noqa: E402
-from ghosttrack.core.config import ExtractConfig, TrainConfig, save_config  # noqa: E402
+from ghosttrack.core.config import TrainConfig  # noqa: E402
 from ghosttrack.core.io import load_json  # noqa: E402
-from ghosttrack.core.run_config import RunConfig  # noqa: E402
-from ghosttrack.data.corpus import TextCorpus, TokenSource  # noqa: E402
-from ghosttrack.data.models import load_model  # noqa: E402
-from ghosttrack.data.store import extract_activations  # noqa: E402
-from ghosttrack.dictionaries.clt_multi import MultiLayerCLTConfig, multilayer_hookpoints, train_multilayer_clt  # noqa: E402
+from conftest import clt_run  # noqa: E402
 
 CT_PYTHON = os.environ.get("GHOSTTRACK_CIRCUIT_TRACER_PYTHON") or str(ROOT / ".circuit-tracer-venv" / "bin" / "python")
 pytestmark = pytest.mark.skipif(
@@ -45,16 +40,9 @@ PROMPTS = {"the-tower-is-in-the-city-of": "The tower is in the city of", "second
 @pytest.fixture(scope="module")
 def graphs(tiny_model_dir, wikitext, tmp_path_factory):
     "A run folder (the tiny GPT-2, a multi-layer CLT trained on 2k WikiText tokens) and two graphs written by `attribute`."
-    torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("ct") / "lm"
-    model, tok = load_model(str(tiny_model_dir))
-    srcs, tgts = multilayer_hookpoints(model)
-    extract_activations(model, TokenSource(TextCorpus(wikitext), tok, 32), srcs + tgts, run / "activations", 2000,
-                        batch_size=16, shard_tokens=2048, progress=False)
-    train_multilayer_clt(run / "activations", srcs, tgts, MultiLayerCLTConfig(expansion_factor=2, k=8, normalize="unit_norm", skip=True),
-                         TrainConfig(batch_size=128, num_epochs=2, lr=4e-3, checkpoint_every=50, log_every=10, wandb_mode="disabled",
-                                     dead_window_tokens=5000), run / "clts" / "clt_all", run / "checkpoints" / "clt_all", progress=False)
-    save_config(RunConfig(name="lm", run_dir=str(run), extract=ExtractConfig(model=str(tiny_model_dir))), run / "config.json")
+    clt_run(tiny_model_dir, wikitext, run, 2000, TrainConfig(batch_size=128, num_epochs=2, lr=4e-3, checkpoint_every=50, log_every=10,
+                                                             wandb_mode="disabled", dead_window_tokens=5000))
     for slug, prompt in PROMPTS.items(): attribute(run, prompt=prompt, slug=slug if slug == "second" else None)
     return run / "graphs"
 
