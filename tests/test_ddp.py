@@ -42,6 +42,7 @@ WORKER = textwrap.dedent("""
     try: train_sae(store, dataclasses.replace(t.SCFG, k=4), t.TCFG, out / "sae", out / "ck", progress=False)
     except Exception as e: assert "--overwrite" in str(e), e
     else: raise SystemExit("a finished SAE with other settings was not refused")
+    torch.distributed.barrier()   # both ranks done before teardown: gloo aborts a process torn down mid-exchange
     torch.distributed.destroy_process_group()
 """)
 
