@@ -19,7 +19,7 @@ from .replacement import as_dictionary
 from ..core.io import load_json, check_overwrite, save_json
 from ..core.run_config import load_config
 from ..core.runfolder import find_dictionaries, load_run_config, policy_folder
-from ..data.models import check_same_model, load_model
+from ..data.models import check_same_model, load_model, model_name
 from ..data.store import hook_dirname
 from ..dictionaries.clt import load_clt
 from ..dictionaries.clt_multi import load_multilayer_clt
@@ -165,7 +165,8 @@ def attribute(run_dir, prompt: str | None = None, instance: int | None = None, d
     t0 = time.perf_counter()
     model, inputs, tokens, decode, scan, seed = _tsp_input(run, instance, seed, device) if is_tsp else _lm_input(run, prompt, device)
     dicts = _dictionaries(run, dictionaries, device)
-    for d in dicts: check_same_model(getattr(d.obj.cfg, "model_name", ""), model, f"the dictionary {d.name}")
+    identity = model_name(model)
+    for d in dicts: check_same_model(getattr(d.obj.cfg, "model_name", ""), identity, f"the dictionary {d.name}")
     g = build_graph(model, inputs, dicts, tokens=tokens, node_threshold=node_threshold, edge_threshold=edge_threshold,
                     batch_size=batch_size, output_mass=output_mass, max_outputs=max_outputs, step=step)
     g.labels = _feature_labels(g, dicts, run, model, decode)

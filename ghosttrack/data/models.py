@@ -134,11 +134,12 @@ def model_family(model: nn.Module) -> Family | None:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     return FAMILIES.get(mt)
 
-def check_same_model(recorded: str, model: nn.Module, what: str) -> None:
-    """Refuse `what` (a dictionary, a store) made from another model than `model`. Names recorded before identities
-    were content-based (folder paths) are not compared."""
+def check_same_model(recorded: str, identity: str, what: str) -> None:
+    """Refuse `what` (a dictionary, a store) made from another model than the one whose `model_name` is `identity`
+    (computed once by the caller: it reads the weights). Names recorded before identities were content-based
+    (folder paths) are not compared."""
     if not recorded or "@" not in recorded: return
-    if recorded != (now := model_name(model)):
+    if recorded != (now := identity):
         raise ValueError(f"{what} was made from the model {recorded}, but this run's model is {now}; the run's config.json "
                          "names another model than the one its dictionaries came from")
 

@@ -130,8 +130,8 @@ def store_stats(folder, manifest) -> dict:
             "mean_std": var.sqrt().mean().item(), "total_variance": var.sum().item()}
 
 # %% ../../nbs/14_data_store.ipynb #2afcd334
-def _header(model, hookpoint, d, source, batch_size, shard_tokens, dtype, num_tokens, skip_first) -> dict:
-    return {"format_version": FORMAT_VERSION, "model": model_name(model), "hookpoint": hookpoint, "d_model": d,
+def _header(model_id, hookpoint, d, source, batch_size, shard_tokens, dtype, num_tokens, skip_first) -> dict:
+    return {"format_version": FORMAT_VERSION, "model": model_id, "hookpoint": hookpoint, "d_model": d,
             "dtype": dtype, "target_tokens": num_tokens, "batch_size": batch_size, "shard_tokens": shard_tokens,
             "skip_first_positions": skip_first,
             "corpus": source.describe() if hasattr(source, "describe") else type(source).__name__,
@@ -163,9 +163,9 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
     d = {h: a.shape[-1] for h, a in capture_activations(model, probe.to(device), hookpoints, stop_early).items()}
     if overwrite:
         for f in folders.values(): remove_tree(f)
-    writers = {}
+    writers, model_id = {}, model_name(model)     # the identity reads the weights: once, not per hookpoint
     for h, f in folders.items():
-        head = _header(model, h, d[h], source, batch_size, shard_tokens, dtype, num_tokens, skip_first)
+        head = _header(model_id, h, d[h], source, batch_size, shard_tokens, dtype, num_tokens, skip_first)
         if (f / "manifest.json").exists():
             old = load_manifest(f / "manifest.json")
             if not _check_same(f, old, head, overwrite): remove_tree(f)

@@ -15,7 +15,7 @@ from typing import Optional
 from ..core.io import check_overwrite
 from ..core.runfolder import activations_dir, load_run_config, run_saes
 from ..data.corpus import TokenSource, make_corpus
-from ..data.models import check_same_model, load_model
+from ..data.models import check_same_model, load_model, model_name
 from ..data.store import hook_dirname
 from ..dictionaries.sae import load_sae
 from .dashboard import write_dashboard
@@ -54,6 +54,7 @@ def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, m
     for hp, out in outs.items(): check_overwrite(out / "features.json", (out / "features.json").exists(), overwrite, "feature interpretation")
     device = device or cfg.extract.device
     model, tok = load_model(cfg.extract.model, device=device)
+    identity = model_name(model)
     source = None
     if texts:
         corpus = make_corpus(dataclasses.replace(cfg.corpus, source=texts), cache_dir=run / "corpus_cache")
@@ -65,7 +66,7 @@ def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, m
         if source is None and not (store / "manifest.json").exists():
             raise FileNotFoundError(f"no activation store for {hp} at {store}; pass --texts stdlib|wikipedia|truthfulqa|text:PATH to read text instead")
         sae = load_sae(folder, device=device)
-        check_same_model(sae.cfg.model_name, model, f"the SAE at {folder}")
+        check_same_model(sae.cfg.model_name, identity, f"the SAE at {folder}")
         fi = FeatureInterpreter(sae, model, hp, device, tokenizer=tok, context_len=cfg.corpus.context_len,
                                 batch_size=batch_size, progress=progress)
         t0 = time.time()

@@ -93,12 +93,12 @@ def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None, 
     if rows is None:
         log.warning("no held-out text left after the rows used for extraction; skipping the spliced-LM evaluation")
         return {}
-    out = {}
+    out, identity = {}, model_name(model)
     for hp in trained:
         folder = saes_dir(cfg, save_dir) / hook_dirname(hp)
         sae = load_sae(folder, device=cfg.extract.device)
-        if sae.cfg.model_name and sae.cfg.model_name != model_name(model):
-            log.warning("%s: SAE trained on %s, not on %s; skipping the spliced-LM evaluation", hp, sae.cfg.model_name, model_name(model))
+        if sae.cfg.model_name and sae.cfg.model_name != identity:
+            log.warning("%s: SAE trained on %s, not on %s; skipping the spliced-LM evaluation", hp, sae.cfg.model_name, identity)
             continue
         measured = {"sae_weights": sha256_file(folder / SAE_WEIGHTS_FILENAME), "rows": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]}
         old = load_json(folder / "lm_eval.json") if (folder / "lm_eval.json").exists() else {}

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 from ..core.io import atomic_path, check_overwrite, save_json
 from ..core.runfolder import load_run_config, run_saes
 from ..data.corpus import load_truthfulqa
-from ..data.models import check_same_model, load_model
+from ..data.models import check_same_model, load_model, model_name
 from ..dictionaries.sae import load_sae
 from .hallucination import evaluate_truthfulqa, plot_calibration, save_scores_csv, subsample
 from .tracker import HypothesisTracker, clt_edge_fn, find_clts, feature_labeler, label_tracks, plot_tracks, prompt_features
@@ -52,7 +52,8 @@ def load_run(run_dir, layers=None, device: str | None = None) -> tuple:
     if not found: raise FileNotFoundError(f"no residual-stream SAEs (blocks.N.hook_resid_post) under {run / 'saes'}; tracking needs one per layer")
     model, tok = load_model(cfg.extract.model, device=device)
     saes = {int(hp.split(".")[1]): load_sae(f, device=device) for hp, f in found.items()}
-    for (layer, sae), f in zip(saes.items(), found.values()): check_same_model(sae.cfg.model_name, model, f"the SAE at {f}")
+    identity = model_name(model)
+    for sae, f in zip(saes.values(), found.values()): check_same_model(sae.cfg.model_name, identity, f"the SAE at {f}")
     return model, tok, saes
 
 def run_tracker(run_dir, threshold: float, method: str, device="cpu"):
