@@ -6,6 +6,7 @@ exit code 2 and one line that names the problem, and every finished artifact of 
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def digests(run) -> dict:
             if p.is_file() and p.suffix in (".safetensors", ".json") and p.parent.name != "stages" and p.name != "run.json"}
 
 
-def test_bad_values_and_files_get_one_line_and_change_nothing(finished, tmp_path):
+def test_bad_values_and_files_get_one_line_and_change_nothing(finished, wikitext, tmp_path):
     before = digests(finished)
     cfg = load_json(finished / "config.json")
     model = cfg["extract"]["model"]
@@ -52,6 +53,10 @@ def test_bad_values_and_files_get_one_line_and_change_nothing(finished, tmp_path
     (tmp_path / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
     one_clear_line(*extract, "--corpus", f"text:{tmp_path / 'latin.txt'}", "--overwrite", ("latin.txt", "not UTF-8", "encoding_errors=replace"))
     one_clear_line(*extract, "--context-len", 4096, "--overwrite", ("context_len=4096", "at most 128 positions"))
+    (tmp_path / "corpus").mkdir()                  # a bad byte in a later file: --overwrite fails part-way through extraction
+    (tmp_path / "corpus" / "a.txt").write_text(Path(wikitext).read_text()[:20_000])
+    (tmp_path / "corpus" / "b.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    one_clear_line(*extract, "--corpus", f"text:{tmp_path / 'corpus'}", "--overwrite", ("b.txt", "not UTF-8"))
     if not torch.cuda.is_available():
         one_clear_line(*extract, "--device", "cuda", ("'cuda'", "--device cpu"))
     one_clear_line("train", "--run-dir", finished, "--batch-size", 10**6, "--overwrite", "--quiet", ("is kept",))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 # %% auto #0
 __all__ = ['atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_tensors',
            'load_manifest', 'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite',
-           'remove_tree', 'save_weights_folder', 'hub_offline', 'hub_problem']
+           'remove_tree', 'beside', 'replace_tree', 'save_weights_folder', 'hub_offline', 'hub_problem']
 
 # %% ../../nbs/05_core_io.ipynb #ae96cb75
 @contextmanager
@@ -141,6 +141,25 @@ def remove_tree(path):
     "Delete a folder (used only on `overwrite`)."
     import shutil
     shutil.rmtree(path, ignore_errors=True)
+
+def beside(dest) -> Path:
+    """A fresh, empty folder next to `dest` to build its replacement in (`.<name>.new`; a stale one from an interrupted
+    rebuild is cleared). A crash between the two renames of `replace_tree` is undone first, so `dest` is never lost."""
+    dest = Path(dest)
+    old, new = dest.with_name(f".{dest.name}.old"), dest.with_name(f".{dest.name}.new")
+    if old.exists() and not dest.exists(): os.replace(old, dest)
+    remove_tree(new)
+    new.mkdir(parents=True)
+    return new
+
+def replace_tree(new, dest):
+    "Put the finished folder `new` in the place of `dest`: the old `dest` goes only now, when its replacement is complete."
+    new, dest = Path(new), Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    remove_tree(old)
+    if dest.exists(): os.replace(dest, old)
+    os.replace(new, dest)
+    remove_tree(old)
 
 # %% ../../nbs/05_core_io.ipynb #bf7748be
 def save_weights_folder(path, tensors: dict, cfg: dict, weights_name: str, overwrite: bool = False,
