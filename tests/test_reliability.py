@@ -2,16 +2,19 @@
 
 Every kind of bad input of issue 20, driven through the command line on one tiny finished run: each ends with
 exit code 2 and one line that names the problem, and every finished artifact of the run keeps its sha256.
-(Read-only folders are not exercised: the suite may run as root, for whom nothing is read-only.)"""
+(A read-only run folder is made with chmod, or, for root, whom no permission stops, with a read-only bind mount.)"""
 import hashlib
 import json
+import os
+import resource
+import subprocess
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ghosttrack, one_clear_line
+from conftest import CLI, ghosttrack, one_clear_line
 from ghosttrack.core.io import load_json, save_tensors
 from ghosttrack.core.runfolder import run_lock
 
@@ -137,3 +140,36 @@ def test_user_text_stays_text_in_every_page(finished, tmp_path):
     from ghosttrack.pipeline.report import write_report
     page = open(write_report(run)["html"]).read()
     assert "<img src=x" not in page and "<script>alert(2)" not in page and "&lt;img src=x" in page
+
+
+def test_a_full_disk_fails_in_one_line_and_keeps_the_finished_store(finished):
+    "Files past 200 kB cannot be written (RLIMIT_FSIZE: the write fails as on a full disk): --overwrite rebuilds beside, so nothing is lost."
+    before = digests(finished)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        one_clear_line("extract", "--run-dir", finished, "--overwrite", "--quiet", ("disk is full",))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert digests(finished) == before
+
+
+def test_a_read_only_run_folder_gets_one_line(finished, tmp_path):
+    "Even a command that would only reuse what is there needs to write (its lock, its records): it says so in one line."
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = digests(run)
+    argv = [*CLI, "extract", "--run-dir", str(run), "--quiet"]
+    if os.geteuid() != 0:
+        for p in [run, *run.rglob("*")]: p.chmod(p.stat().st_mode & ~0o222)
+    else:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+            pytest.skip("no way to make a folder read-only for root here (no unshare -m)")
+        argv = ["unshare", "-m", "sh", "-c", f'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"', str(run), *argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("ghosttrack")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert str(run) in lines[0] and "cannot write" in lines[0], lines[0]
+    if os.geteuid() != 0:
+        for p in [run, *run.rglob("*")]: p.chmod(p.stat().st_mode | 0o200)
+    assert digests(run) == before

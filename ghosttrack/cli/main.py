@@ -69,8 +69,9 @@ def error_line(e: BaseException) -> str:
     "One line for an expected failure: its message, with what to do for the failures of the machine itself."
     if isinstance(e, StageFailed): return str(e)      # the stage, the last lines of its traceback, the notebook to open
     msg = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC: return f"{msg}: the disk is full; free space or pass --run-dir on another disk, then rerun to resume"
-    if isinstance(e, PermissionError): return f"{msg}: no permission; choose a folder you can write (--run-dir) or fix its permissions"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT): return f"{msg}: the disk is full; free space or pass --run-dir on another disk, then rerun to resume"
+    if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno == errno.EROFS):
+        return f"{msg}: cannot write there; choose a folder you can write (--run-dir) or fix its permissions"
     if isinstance(e, UnicodeDecodeError): return f"{msg}: a file is not UTF-8 text"
     return msg
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,7 +87,12 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> str:
     "Save `tensors` to a safetensors file atomically; returns its sha256."
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
+    with atomic_path(path) as tmp:
+        try: save_file(tensors, str(tmp), metadata=meta)
+        except Exception as e:        # safetensors reports a failed write (disk full, ...) as its own error: make it the OSError it is
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None: raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     return sha256_file(path)
 
 def load_manifest(path, keys=("hookpoint", "shards", "num_tokens")) -> dict:
