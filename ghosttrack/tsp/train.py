@@ -19,7 +19,7 @@ from scipy.stats import ttest_rel
 from ..core.runlog import tqdm
 
 from ..core.config import ConfigError
-from ..core.io import (append_jsonl, atomic_path, load_json, load_tensors, read_jsonl, remove_tree, save_json,
+from ..core.io import (append_jsonl, atomic_path, beside, load_json, load_tensors, read_jsonl, remove_tree, replace_tree, save_json,
                                 save_tensors)
 from ..core.run_config import RunConfig, TSPTrainConfig
 from ..core.runlog import wandb_run
@@ -97,13 +97,17 @@ def _is_tsp_run(folder: Path) -> bool:
     except (OSError, ValueError): return False
     return isinstance(d, dict) and {"n", "epochs", "baseline"} <= set(d)
 
-def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool) -> bool:
+def _replacement(run_dir: Path, overwrite: bool) -> Path:
+    """Where to train: `run_dir`, or with `overwrite` and a run there, a fresh folder beside it that replaces it once the
+    new run is finished (a failed retraining leaves the old run as it was). Only a tsp-train run is ever replaced."""
+    if not (overwrite and run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir())): return run_dir
+    if not _is_tsp_run(run_dir):
+        raise ConfigError(f"--overwrite: {run_dir} is not a tsp-train run folder (no config.json of one), so it is not replaced; "
+                          "pass a new or empty --run-dir")
+    return beside(run_dir)
+
+def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool = False) -> bool:
     "Prepare `run_dir`; True when it holds a finished run with the same settings (to reuse)."
-    if overwrite and run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
-        if not _is_tsp_run(run_dir):
-            raise ConfigError(f"--overwrite: {run_dir} is not a tsp-train run folder (no config.json of one), so it is not deleted; "
-                              "pass a new or empty --run-dir")
-        remove_tree(run_dir)
     if (run_dir / "config.json").exists():
         free = ("device", "wandb_mode", "epochs")   # where it runs and how it logs may change, and it may run longer
         saved = {**asdict(TSPTrainConfig()), **load_json(run_dir / "config.json")}   # fields added since: their defaults
@@ -153,8 +157,18 @@ def _t_test(cfg, candidate: np.ndarray, baseline: np.ndarray) -> tuple:
 
 def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: Optional[bool] = None) -> dict:
     "Train (or resume) a TSP policy in `run_dir`; returns the summary. `progress=None` shows bars on a terminal."
-    run_dir = Path(run_dir)
-    if _open_run(cfg, run_dir, overwrite):
+    target = Path(run_dir)
+    run_dir = _replacement(target, overwrite)
+    try: summary = _train_in(cfg, run_dir, target.name, progress)
+    except BaseException:
+        if run_dir != target: remove_tree(run_dir)   # a failed retraining: the old run stays as it was
+        raise
+    if run_dir != target: replace_tree(run_dir, target)
+    return summary
+
+def _train_in(cfg: TSPTrainConfig, run_dir: Path, name: str, progress: Optional[bool]) -> dict:
+    "The training of `train_tsp`, in the folder `run_dir` (the run itself, or its replacement beside it)."
+    if _open_run(cfg, run_dir):
         log.info("%s: finished with the same settings; reusing it (--overwrite retrains)", run_dir)
         return load_json(run_dir / "summary.json")
     ref_coords, ref_lengths, ref_method = _reference(cfg, run_dir, progress)
@@ -166,7 +180,7 @@ def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: O
     if ckpt.exists():
         state = load_checkpoint(ckpt, policy, baseline, optimizer, cfg.device)
         log.info("%s %s after epoch %d", "continuing" if (run_dir / "summary.json").exists() else "resuming", run_dir, state["epoch"] + 1)
-    run = wandb_run(cfg.wandb_mode, "ghosttrack-tsp", run_dir.name, asdict(cfg), run_dir / "checkpoints", state.get("wandb_run_id"))
+    run = wandb_run(cfg.wandb_mode, "ghosttrack-tsp", name, asdict(cfg), run_dir / "checkpoints", state.get("wandb_run_id"))
     if run is not None: state["wandb_run_id"] = run.id   # a resumed run continues the same W&B run
     kept = [r for r in read_jsonl(history) if r["epoch"] <= state["epoch"]]  # drop the records of an epoch cut short
     with atomic_path(history) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
