@@ -17,6 +17,7 @@ from pathlib import Path
 from .analyses import add_attribute_commands, add_interpret_commands, add_track_commands
 from .bench import add_bench_commands
 from .clt import add_clt_commands
+from .convert import add_convert_commands
 from .flags import SECTIONS, add_config_flags, add_run_flags, resolve_config
 from .tsp import add_tsp_commands
 from ..core.config import ConfigError
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-only", action="store_true", help="stop after extraction")
     p.add_argument("--train-only", action="store_true", help="train on an existing store")
     sub.add_parser("presets", help="list the named presets")
-    for add in (add_clt_commands, add_attribute_commands, add_bench_commands, add_interpret_commands, add_track_commands, add_tsp_commands):
+    for add in (add_clt_commands, add_convert_commands, add_attribute_commands, add_bench_commands, add_interpret_commands, add_track_commands, add_tsp_commands):
         add(sub)
     return ap
 
