@@ -336,24 +336,11 @@ def test_saelens_round_trip_through_convert(tmp_path):
 # --- bad inputs to `ghosttrack convert` --------------------------------------------------------------------------------
 
 def convert_cli(*argv) -> tuple:
-    "`(exit code, stderr)` of `ghosttrack convert *argv`, in this process: through `main` once it registers `convert`, else its parts."
-    from ghosttrack.cli import main as cli
+    "`(exit code, stderr)` of `ghosttrack convert *argv`, in this process."
+    from ghosttrack.cli.main import main
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        if "convert" in cli.build_parser()._subparsers._group_actions[0].choices:
-            code = cli.main(["convert", *map(str, argv)])
-        else:
-            import argparse
-            from ghosttrack.cli.convert import add_convert_commands
-            from ghosttrack.core.config import ConfigError
-            from ghosttrack.core.io import ArtifactExists
-            ap = argparse.ArgumentParser(prog="ghosttrack")
-            add_convert_commands(ap.add_subparsers(dest="command", required=True))
-            args = ap.parse_args(["convert", *map(str, argv)])
-            try: code = args.func(args)
-            except (ConfigError, ArtifactExists, OSError, ValueError, RuntimeError) as e:
-                print(f"ghosttrack convert: error: {cli.error_line(e)}", file=sys.stderr)
-                code = 2
+        code = main(["convert", *map(str, argv)])
     return code, err.getvalue()
 
 
@@ -411,3 +398,31 @@ def test_convert_refuses_an_existing_destination_and_replaces_it_with_overwrite(
     assert code == 0, err
     assert sorted(p.name for p in (sources / "exists").iterdir()) == ["cfg.json", "sae.safetensors"]
     assert not list(sources.rglob(".*.tmp*")), "a temporary folder was left behind"
+
+
+# --- bring your own dictionaries --------------------------------------------------------------------------------------
+
+def test_attribute_reads_a_circuit_tracer_transcoder_set(tiny_model_dir, tmp_path):
+    "A graph built from a circuit-tracer transcoder set is the graph of the same transcoders in ghosttrack's layout."
+    from ghosttrack.core.config import ExtractConfig
+    from ghosttrack.core.run_config import RunConfig
+    from ghosttrack.core.runfolder import save_run_config
+    from ghosttrack.cli.main import main
+    run = tmp_path / "run"
+    save_run_config(RunConfig(run_dir=str(run), extract=ExtractConfig(model=str(tiny_model_dir))))
+    for layer in range(3):
+        cfg = CLTConfig(architecture="jumprelu", d_in=128, d_out=128, d_sae=64, source=f"blocks.{layer}.ln2.hook_normalized",
+                        target=f"blocks.{layer}.hook_mlp_out")
+        save_clt(_randomised(make_clt(cfg), layer, threshold=lambda g, shape: 0.1 * torch.rand(shape, generator=g)), tmp_path / "ours" / f"L{layer}")
+    convert(tmp_path / "ours", tmp_path / "ct", "circuit-tracer")
+    assert detect_layout(tmp_path / "ct") == "circuit-tracer"
+    graphs = {}
+    for slug, folders in [("ours", [tmp_path / "ours" / f"L{i}" for i in range(3)]), ("theirs", [tmp_path / "ct"])]:
+        assert main(["attribute", "--run-dir", str(run), "--prompt", "The tower is in the city of", "--slug", slug, "--quiet",
+                     *[a for f in folders for a in ("--dictionary", str(f))]]) == 0
+        graphs[slug] = json.loads((run / "graphs" / f"{slug}.json").read_text())
+    ours, theirs = graphs["ours"], graphs["theirs"]
+    assert len(ours["nodes"]) == len(theirs["nodes"]) > 10 and len(ours["links"]) == len(theirs["links"]) > 10
+    assert [n["node_id"] for n in ours["nodes"]] == [n["node_id"] for n in theirs["nodes"]]
+    for a, b in zip(ours["links"], theirs["links"]):
+        assert (a["source"], a["target"]) == (b["source"], b["target"]) and abs(a["weight"] - b["weight"]) <= 1e-4 * (1 + abs(a["weight"]))

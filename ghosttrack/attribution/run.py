@@ -21,9 +21,9 @@ from ..core.run_config import load_config
 from ..core.runfolder import find_dictionaries, load_run_config, policy_folder
 from ..data.models import check_same_model, load_model, model_name
 from ..data.store import hook_dirname
-from ..dictionaries.clt import load_clt
-from ..dictionaries.clt_multi import load_multilayer_clt
-from ..dictionaries.sae import load_sae
+from ..dictionaries.clt import CLTMixin
+from ..dictionaries.clt_multi import MultiLayerCLT
+from ..dictionaries.formats import load_dictionaries
 from ..interpret.features import load_features
 from ..tsp.policy import TSPInstances, load_policy
 from ..tsp.train import tsp_instances
@@ -59,7 +59,7 @@ class AttributeOptions:
     "also write each CLT's weight-based strong-edges summary"
 
 # %% auto #0
-__all__ = ['log', 'AttributeOptions', 'slugify', 'load_dictionary', 'attribute']
+__all__ = ['log', 'AttributeOptions', 'slugify', 'attribute']
 
 # %% ../../nbs/63_attribution_run.ipynb #8260eae8
 def slugify(text: str, max_len: int = 48) -> str:
@@ -67,24 +67,15 @@ def slugify(text: str, max_len: int = 48) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
     return s or "graph"
 
-def load_dictionary(path, device: str = "cpu"):
-    "An SAE, pairwise CLT or multi-layer CLT folder, by the `kind` its `cfg.json` records; returns `(dictionary, hookpoint or None)`."
-    path = Path(path)
-    if not (path / "cfg.json").exists(): raise FileNotFoundError(f"{path / 'cfg.json'} is missing: {path} is not a finished SAE or CLT folder")
-    cfg = load_json(path / "cfg.json")
-    if cfg.get("kind") == "multilayer_clt": return load_multilayer_clt(path, device).eval(), None
-    if cfg.get("kind") == "pairwise_clt": return load_clt(path, device).eval(), None
-    return load_sae(path, device).eval(), (cfg.get("metadata") or {}).get("hook_name")
-
-
-
 # %% ../../nbs/63_attribution_run.ipynb #f19ccc1b
 def _dictionaries(run: Path, paths, device):
     folders = [Path(p) for p in paths] if paths else find_dictionaries(run)
     dicts = []
-    for f in folders:
-        obj, hp = load_dictionary(f, device)
-        dicts.append(as_dictionary(obj, name=f.name, hookpoint=hp))
+    for f in folders:   # any layout `load_dictionaries` reads: ghosttrack, SAELens, sparsify, a circuit-tracer transcoder set
+        found = load_dictionaries(f)
+        for name, obj in found.items():
+            hp = None if isinstance(obj, (CLTMixin, MultiLayerCLT)) else (obj.cfg.hook_name or None)   # transcoders know their sites
+            dicts.append(as_dictionary(obj.to(device).eval(), name=f.name if len(found) == 1 else name, hookpoint=hp))
     seen = {}
     for d in dicts:
         for t in d.targets:
