@@ -168,8 +168,8 @@ class RunConfig:
     "where activations are stored (empty: `<run_dir>/activations`, or `$GHOSTTRACK_ACTIVATIONS_ROOT`)"
     save_dir: str = ""
     "where trained SAEs go (empty: `<run_dir>/saes`)"
-    eval_rows: int = 16
-    "held-out token rows on which the LM loss with each SAE spliced in is measured (0 skips it)"
+    eval_rows: int = 64
+    "held-out token rows on which the LM loss with each SAE spliced in is measured, with a 95% interval (0 skips it)"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)

@@ -18,6 +18,7 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 from ..data.models import forward, hooked, num_layers
 from ..data.store import hook_dirname
 from .clt import CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, normalization_stats
+from .evaluate import lm_metrics
 from .sae import JumpReLUFn, JumpReLUSAE, SAEOutput, TopKSAE, geometric_median
 from .trainer import prepare_training, Trainer
 
@@ -261,7 +262,8 @@ def train_multilayer_clt(root, sources: list, targets: list, clt_cfg: MultiLayer
 # %% ../../nbs/32_dict_clt_multi.ipynb #6f835d93
 @torch.no_grad()
 def multilayer_spliced_lm_metrics(model, clt: MultiLayerCLT, input_ids_BT: torch.Tensor, batch_size: int = 8) -> dict:
-    "Next-token CE clean / with every target replaced by the CLT (the replacement model) / with every target zeroed; CE recovered and KL(clean ‖ replaced)."
+    """Next-token CE clean / with every target replaced by the CLT (the replacement model) / with every target zeroed
+    (BOS too, as SAELens's baseline); CE recovered with its interval and KL, as `spliced_lm_metrics` defines them."""
     srcs, tgts = clt.cfg.sources, clt.cfg.targets
     device = next(model.parameters()).device
     def logp(ids, replace):
@@ -269,21 +271,13 @@ def multilayer_spliced_lm_metrics(model, clt: MultiLayerCLT, input_ids_BT: torch
         def write(name, act):
             if name in srcs: box[srcs.index(name)] = act
             if name not in tgts: return act
+            if replace == "zero": return torch.zeros_like(act)
             l = tgts.index(name)
-            new = torch.zeros_like(act[:, 1:]) if replace == "zero" else clt.predict_target([box[i][:, 1:] for i in range(l + 1)], l).to(act.dtype)
-            return torch.cat([act[:, :1], new], dim=1)
+            return torch.cat([act[:, :1], clt.predict_target([box[i][:, 1:] for i in range(l + 1)], l).to(act.dtype)], dim=1)
         with hooked(model, list(dict.fromkeys(srcs + tgts)), write=write if replace else None):
             out = forward(model, ids)
         return (out.logits if hasattr(out, "logits") else out)[:, 1:-1].float().log_softmax(-1)
-    sums, n = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero_ablation=0.0, kl_div=0.0), 0
-    for ids in input_ids_BT.split(batch_size):
+    def runs(ids):
         ids = ids.to(device)
-        target = ids[:, 2:, None]
-        clean, spliced, zero = logp(ids, None), logp(ids, "clt"), logp(ids, "zero")
-        for k, lp in (("ce_clean", clean), ("ce_spliced", spliced), ("ce_zero_ablation", zero)): sums[k] -= lp.gather(-1, target).sum().item()
-        sums["kl_div"] += (clean.exp() * (clean - spliced)).sum().item()
-        n += target.numel()
-    if n == 0: raise ValueError(f"input_ids_BT {tuple(input_ids_BT.shape)}: rows need at least 3 tokens (BOS, one replaced position, its next token)")
-    m = {k: v / n for k, v in sums.items()}
-    m["ce_recovered"] = (m["ce_zero_ablation"] - m["ce_spliced"]) / (m["ce_zero_ablation"] - m["ce_clean"])
-    return m
+        return {"ce_clean": logp(ids, None), "ce_spliced": logp(ids, "clt"), "ce_zero_ablation": logp(ids, "zero")}
+    return lm_metrics(runs, input_ids_BT, batch_size, start=1)

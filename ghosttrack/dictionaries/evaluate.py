@@ -11,10 +11,9 @@ import torch
 
 from ..data.models import forward, patch_hookpoint
 
-
 # %% auto #0
 __all__ = ['mse', 'fvu', 'explained_variance', 'l0', 'firing_counts', 'dead_fraction', 'tokens_since_fired', 'dead_mask',
-           'evaluate_sae', 'spliced_lm_metrics']
+           'evaluate_sae', 'spliced_lm_metrics', 'lm_metrics']
 
 # %% ../../nbs/29_dict_evaluate.ipynb #835b1e0d
 def _rows(x): return x.reshape(-1, x.shape[-1])
@@ -104,27 +103,41 @@ def _logits(out): return out.logits if hasattr(out, "logits") else out
 
 @torch.no_grad()
 def spliced_lm_metrics(model, sae, hookpoint: str, input_ids_BT: torch.Tensor, batch_size: int = 8,
-                       keep_bos: bool = True) -> dict:
-    "Next-token CE clean / SAE-spliced / zero-ablated at `hookpoint`, the CE recovered, and KL(clean ‖ spliced)."
-    recon = _reconstructor(sae)
-    start = 1 if keep_bos else 0
-    def replaced(fn): return lambda act_BTD: torch.cat([act_BTD[:, :start], fn(act_BTD[:, start:])], dim=1)
-    device = next(model.parameters()).device
-    sums, n = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero_ablation=0.0, kl_div=0.0), 0
+                       keep_bos: bool = True, resamples: int = 1000) -> dict:
+    """Next-token CE clean / SAE-spliced / zero-ablated at `hookpoint`, the CE recovered with its 95% bootstrap interval
+    over rows, and KL(clean ‖ spliced) and KL(clean ‖ ablated): the definitions of SAELens and SAEBench."""
+    recon, start = _reconstructor(sae), 1 if keep_bos else 0
+    def spliced(act_BTD): return torch.cat([act_BTD[:, :start], recon(act_BTD[:, start:])], dim=1)
+    def runs(ids_BT):
+        run = lambda: _logits(forward(model, ids_BT))[:, start:-1].float().log_softmax(-1)
+        logp = {"ce_clean": run()}
+        with patch_hookpoint(model, hookpoint, spliced): logp["ce_spliced"] = run()
+        with patch_hookpoint(model, hookpoint, torch.zeros_like): logp["ce_zero_ablation"] = run()   # every position, BOS too
+        return logp
+    return lm_metrics(runs, input_ids_BT, batch_size, start, resamples)
+
+def lm_metrics(runs, input_ids_BT: torch.Tensor, batch_size: int = 8, start: int = 1, resamples: int = 1000) -> dict:
+    """The metrics of `spliced_lm_metrics` from `runs(ids_BT)`, which returns the next-token log-probabilities
+    `{ce_clean, ce_spliced, ce_zero_ablation: [B, T - start - 1, V]}` of the predictions made from position `start` on."""
+    if input_ids_BT.shape[1] - start - 1 <= 0 or len(input_ids_BT) == 0:
+        raise ValueError(f"input_ids_BT {tuple(input_ids_BT.shape)} has no next-token predictions after position {start}; "
+                         f"use rows of at least {start + 2} tokens")
+    device, per_row = None, {}
     for ids_BT in input_ids_BT.split(batch_size):
-        ids_BT = ids_BT.to(device)
-        target_BT = ids_BT[:, start + 1:]
-        def run():
-            return _logits(forward(model, ids_BT))[:, start:-1].float().log_softmax(-1)
-        logp_clean = run()
-        with patch_hookpoint(model, hookpoint, replaced(recon)): logp_spliced = run()
-        with patch_hookpoint(model, hookpoint, replaced(torch.zeros_like)): logp_zero = run()
-        for key, logp in (("ce_clean", logp_clean), ("ce_spliced", logp_spliced), ("ce_zero_ablation", logp_zero)):
-            sums[key] += -logp.gather(-1, target_BT[..., None]).sum().item()
-        sums["kl_div"] += (logp_clean.exp() * (logp_clean - logp_spliced)).sum().item()
-        n += target_BT.numel()
-    if n == 0: raise ValueError(f"spliced_lm_metrics: input_ids_BT {tuple(input_ids_BT.shape)} has no next-token predictions "
-                                f"after position {start}; use rows of at least {start + 2} tokens")
-    m = {k: v / n for k, v in sums.items()}
-    m["ce_recovered"] = (m["ce_zero_ablation"] - m["ce_spliced"]) / (m["ce_zero_ablation"] - m["ce_clean"])
+        logp = runs(ids_BT)
+        target_BT1 = ids_BT[:, start + 1:, None].to(logp["ce_clean"].device)
+        clean = logp["ce_clean"]
+        sums = {k: -lp.gather(-1, target_BT1)[..., 0].sum(1) for k, lp in logp.items()}
+        sums["kl_div"] = (clean.exp() * (clean - logp["ce_spliced"])).sum((1, 2))
+        sums["kl_div_zero_ablation"] = (clean.exp() * (clean - logp["ce_zero_ablation"])).sum((1, 2))
+        for k, v in sums.items(): per_row.setdefault(k, []).append(v.double().cpu())
+    rows = {k: torch.cat(v) for k, v in per_row.items()}        # sums per row
+    n = len(input_ids_BT) * (input_ids_BT.shape[1] - start - 1)
+    m = {k: v.sum().item() / n for k, v in rows.items()}
+    recovered = lambda r: (r["ce_zero_ablation"] - r["ce_spliced"]) / (r["ce_zero_ablation"] - r["ce_clean"])
+    m["ce_recovered"] = recovered({k: v.sum() for k, v in rows.items()}).item()
+    m["kl_div_score"] = 1 - m["kl_div"] / m["kl_div_zero_ablation"]
+    idx = torch.randint(len(input_ids_BT), (resamples, len(input_ids_BT)), generator=torch.Generator().manual_seed(0))
+    boot = recovered({k: v[idx].sum(1) for k, v in rows.items()})
+    m["ce_recovered_ci"] = [boot.quantile(0.025).item(), boot.quantile(0.975).item()]
     return m

@@ -75,7 +75,9 @@ def sae_rows(g: dict) -> list:
         s, lm = d["summary"], d["lm"] or {}
         rows.append({"hookpoint": s.get("hookpoint", name), "arch": s.get("architecture", ""), "d_sae": s.get("d_sae"),
                      "FVU": s["val_fvu"], "L0": s["val_l0"], "dead %": 100 * s.get("dead_frac", s["val_dead_frac"]),
-                     "CE rec": lm.get("ce_recovered"), "KL": lm.get("kl_div"),
+                     "CE rec": lm.get("ce_recovered"),
+                     "CE rec 95%": "{:.3f}–{:.3f}".format(*lm["ce_recovered_ci"]) if lm.get("ce_recovered_ci") else None,
+                     "KL": lm.get("kl_div"),
                      "FVU<0.01": _mark("fvu", s["val_fvu"]), "L0 50–100": _mark("l0", s["val_l0"]),
                      "dead<10%": _mark("dead", s.get("dead_frac", s["val_dead_frac"]))})
     return rows

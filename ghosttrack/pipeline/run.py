@@ -29,8 +29,8 @@ from ..core.runfolder import stores_in
 from ..tsp.train import tsp_instances
 
 # %% auto #0
-__all__ = ['log', 'token_source', 'load_run_model', 'run_source', 'held_out_rows', 'check_context_len', 'run_extract',
-           'run_train', 'run_lm_eval', 'summary_table', 'stream_train']
+__all__ = ['log', 'LM_METRICS', 'token_source', 'load_run_model', 'run_source', 'held_out_rows', 'check_context_len',
+           'run_extract', 'run_train', 'run_lm_eval', 'summary_table', 'stream_train']
 
 # %% ../../nbs/80_pipeline_run.ipynb #28089abb
 def token_source(cfg: RunConfig, tokenizer):
@@ -85,6 +85,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, progress: bool = True, sa
                             overwrite=overwrite, progress=progress, perf=cfg.perf)
     return out
 
+LM_METRICS = "saelens-6.54"   # the definitions `spliced_lm_metrics` follows: a measurement under older ones is redone
+
 def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None, overwrite: bool = False) -> dict:
     """Stage 3: next-token loss with each SAE spliced in, on `cfg.eval_rows` token rows that come after the rows
     used for extraction (held out). Writes `saes/<hookpoint>/lm_eval.json`, which a rerun reuses while the SAE and
@@ -100,7 +102,8 @@ def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None, 
         if sae.cfg.model_name and sae.cfg.model_name != identity:
             log.warning("%s: SAE trained on %s, not on %s; skipping the spliced-LM evaluation", hp, sae.cfg.model_name, identity)
             continue
-        measured = {"sae_weights": sha256_file(folder / SAE_WEIGHTS_FILENAME), "rows": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]}
+        measured = {"sae_weights": sha256_file(folder / SAE_WEIGHTS_FILENAME), "rows": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16],
+                    "metrics": LM_METRICS}
         old = load_json(folder / "lm_eval.json") if (folder / "lm_eval.json").exists() else {}
         if old.get("measured") == measured and not overwrite:
             log.info("%s: spliced-LM loss already measured for these weights and rows, reusing", hp)
@@ -119,10 +122,11 @@ def summary_table(res: dict) -> str:
         break
     tr, lm = res.get("train") or {}, res.get("lm_eval") or {}
     if tr:
-        lines.append(f"{'hookpoint':<28} {'arch':>9} {'d_sae':>6} {'FVU':>7} {'L0':>6} {'dead %':>6} {'CE rec':>7} {'KL':>7} {'tok/s':>7}")
+        lines.append(f"{'hookpoint':<28} {'arch':>9} {'d_sae':>6} {'FVU':>7} {'L0':>6} {'dead %':>6} {'CE rec':>7} {'(95%)':>13} {'KL':>7} {'tok/s':>7}")
         for hp, s in tr.items():
             e = lm.get(hp, {})
-            ce = f"{e['ce_recovered']:>7.3f} {e['kl_div']:>7.3f}" if e else f"{'-':>7} {'-':>7}"
+            ci = "{:.3f}–{:.3f}".format(*e["ce_recovered_ci"]) if e.get("ce_recovered_ci") else "-"
+            ce = f"{e['ce_recovered']:>7.3f} {ci:>13} {e['kl_div']:>7.3f}" if e else f"{'-':>7} {'-':>13} {'-':>7}"
             lines.append(f"{hp:<28} {s.get('architecture', ''):>9} {s.get('d_sae', 0):>6} {s['val_fvu']:>7.4f} {s['val_l0']:>6.1f} "
                          f"{100 * s.get('dead_frac', s['val_dead_frac']):>6.1f} {ce} {s['tokens_per_second']:>7,.0f}")
     return "\n".join(lines)
