@@ -87,7 +87,9 @@ def test_ablating_the_top_feature_moves_the_output_as_predicted(lm_run):
 
 def test_attribute_command_on_a_language_model_run(lm_run, capsys):
     run, *_ = lm_run
-    r = attribute("--run-dir", run, "--prompt", "The tower is in the city of", "--static")
+    # circuit-tracer's pruning ranks all nodes; on this tiny CLT the embeddings' direct paths carry ~90% of the influence,
+    # so the features appear only with a loose node threshold
+    r = attribute("--run-dir", run, "--prompt", "The tower is in the city of", "--static", "--node-threshold", "0.99")
     assert "replacement score" in r.stdout
     paths = {ext: run / "graphs" / f"the-tower-is-in-the-city-of.{ext}" for ext in ("json", "csv", "png", "html")}
     assert all(p.exists() for p in paths.values()), (r.stdout, list((run / "graphs").iterdir()))
@@ -99,7 +101,7 @@ def test_attribute_command_on_a_language_model_run(lm_run, capsys):
     assert sum(n["is_target_logit"] for n in nodes) == 1
     assert any(n["clerp"].startswith("→ ") for n in nodes if n["feature_type"] == "cross layer transcoder")   # logit-lens labels
     info = d["metadata"]["info"]
-    assert info["pruning"]["feature_influence_kept"] >= 0.8 and info["pruning"]["edge_influence_kept"] >= 0.98
+    assert info["pruning"]["node_influence_kept"] >= 0.9 and info["pruning"]["edge_influence_kept"] >= 0.9, info["pruning"]
     assert 0 < info["scores"]["replacement_score"] <= 1 and info["top_paths"]
     assert len(list(csv.DictReader(open(paths["csv"])))) == len(d["links"])
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and "<svg" in paths["html"].read_text()
@@ -124,7 +126,7 @@ def test_attribute_command_on_a_tsp_policy(tmp_path, capsys):
                   batch_size=50, shard_tokens=1000, progress=False)
     train_clt(run / "activations", "clt_L0_to_L1", CLTConfig(expansion_factor=4, k=8, normalize="unit_norm", skip=True),
               TrainConfig(**{**TCFG, "num_epochs": 2}), run / "clts" / "clt_L0_to_L1", run / "ck", progress=False)
-    r = attribute("--run-dir", run, "--instance", 3, "--step", 2)
+    r = attribute("--run-dir", run, "--instance", 3, "--step", 2, "--node-threshold", "1.0", "--edge-threshold", "1.0")
     print("\n" + r.stdout)
     d = load_json(run / "graphs" / "instance-3-step-2.json")
     validate_graph_json(d)
@@ -165,7 +167,7 @@ def test_llama_replacement_is_exact_and_edges_are_perturbation_effects(smollm2_r
 
 def test_attribute_command_on_a_llama_run(smollm2_run, capsys):
     from ghosttrack.cli.main import main
-    assert main(["attribute", "--run-dir", str(smollm2_run), "--prompt", PROMPT]) == 0
+    assert main(["attribute", "--run-dir", str(smollm2_run), "--prompt", PROMPT, "--node-threshold", "0.99"]) == 0
     out = capsys.readouterr().out
     print("\n" + out)
     json_path = smollm2_run / "graphs" / "return-the-absolute-value-of-a-number.json"
@@ -177,7 +179,7 @@ def test_attribute_command_on_a_llama_run(smollm2_run, capsys):
     target = [n for n in d["nodes"] if n["is_target_logit"]]
     assert len(target) == 1 and target[0]["feature"] == top
     info = d["metadata"]["info"]
-    assert info["pruning"]["feature_influence_kept"] >= 0.8 and info["pruning"]["edge_influence_kept"] >= 0.98
+    assert info["pruning"]["node_influence_kept"] >= 0.9 and info["pruning"]["edge_influence_kept"] >= 0.9, info["pruning"]
     assert 0 < info["scores"]["replacement_score"] <= 1 and len(d["links"]) > 0
     assert all(json_path.with_suffix(e).exists() for e in (".csv", ".png", ".html"))
 
@@ -194,7 +196,7 @@ def test_attribute_on_a_tsp_pipeline_run(tmp_path):
     run = tmp_path / "tsp"
     stage_job("tsp-tiny", run_dir=str(run), progress=False).run("clt")
     assert (run / "policy" / "policy.safetensors").exists() and not (run / "policy.safetensors").exists()
-    r = attribute_run(run, instance=0, step=1)
+    r = attribute_run(run, instance=0, step=1, node_threshold=1.0, edge_threshold=1.0)   # everything: this test is about the format
     print(f"\ntsp-tiny pipeline run: {r['nodes_before']} nodes / {r['edges_before']} edges → {r['nodes']} / {r['links']}, "
           f"replacement score {r['scores']['replacement_score']:.3f}, {r['seconds']:.1f}s")
     d = load_json(r["paths"]["json"])
@@ -209,3 +211,14 @@ def test_attribute_on_a_tsp_pipeline_run(tmp_path):
     rm = ReplacementModel(policy, coords, load_clt(run / "clts" / "clt_L0_to_L1").eval(), step=1)
     with torch.no_grad():
         torch.testing.assert_close(rm.output_values(rm.forward("frozen")), rm.output_values(rm.forward("live")), atol=1e-4, rtol=1e-4)
+        # the graph's outputs are the policy's own: its next-city distribution at that step, from its own forward pass
+        own = policy(coords).step_log_probs[0, 1]
+        out = rm.forward("frozen")                 # the node embeddings the decoder reads, through the replacement
+        D = out.shape[-1]
+        u = (out @ policy.decoder.project_node.weight[2 * D:].T) @ rm.glimpse[0] / D ** 0.5
+        logp = (torch.tanh(u) * policy.decoder.clip).masked_fill(rm.visited, float("-inf")).log_softmax(-1)[0]
+    finite = torch.isfinite(own)
+    assert torch.equal(torch.isfinite(logp), finite)
+    torch.testing.assert_close(logp[finite], own[finite], atol=1e-4, rtol=1e-4)
+    ranked = own.argsort(descending=True).tolist()
+    assert rm.outputs == ranked[:len(rm.outputs)] and own[rm.outputs].exp().sum() >= 0.95    # its most likely next cities

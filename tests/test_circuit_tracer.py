@@ -43,7 +43,8 @@ def graphs(tiny_model_dir, wikitext, tmp_path_factory):
     run = tmp_path_factory.mktemp("ct") / "lm"
     clt_run(tiny_model_dir, wikitext, run, 2000, TrainConfig(batch_size=128, num_epochs=2, lr=4e-3, checkpoint_every=50, log_every=10,
                                                              wandb_mode="disabled", dead_window_tokens=5000))
-    for slug, prompt in PROMPTS.items(): attribute(run, prompt=prompt, slug=slug if slug == "second" else None)
+    for slug, prompt in PROMPTS.items():   # a loose node threshold: on a tiny CLT, features carry little of the influence
+        attribute(run, prompt=prompt, slug=slug if slug == "second" else None, node_threshold=0.99)
     return run / "graphs"
 
 
@@ -190,3 +191,52 @@ def test_the_pinned_circuit_tracer_is_the_one_tested():
     r = subprocess.run([CT_PYTHON, "-c", "import importlib.metadata as m; print(m.version('circuit-tracer'))"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == pin.split("==")[1], (r.stdout, r.stderr[-500:], pin)
+
+
+# Runs inside circuit-tracer's interpreter: its own prune_graph and compute_graph_scores on our adjacency matrix.
+SCORES = r"""
+import json, sys, types, torch
+from safetensors.torch import load_file, save_file
+from circuit_tracer.graph import compute_graph_scores, prune_graph
+t, c = load_file(sys.argv[1]), json.loads(sys.argv[2])
+graph = types.SimpleNamespace(adjacency_matrix=t["A"], logit_probabilities=t["p"], input_tokens=torch.zeros(c["n_tokens"], dtype=torch.long),
+                              logit_targets=[None] * c["n_logits"], selected_features=torch.zeros(c["n_features"], dtype=torch.long),
+                              cfg=types.SimpleNamespace(n_layers=c["n_layers"]))
+r = prune_graph(graph, c["node_threshold"], c["edge_threshold"])
+replacement, completeness = compute_graph_scores(graph)
+save_file({"node_mask": r.node_mask, "edge_mask": r.edge_mask, "cumulative": r.cumulative_scores}, sys.argv[3])
+print(json.dumps({"replacement_score": replacement, "completeness_score": completeness}))
+"""
+
+
+@pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.5, 0.9)])
+def test_pruning_and_scores_are_circuit_tracers(graphs, tiny_model_dir, tmp_path, thresholds):
+    "prune_graph and graph_scores give what circuit-tracer's own prune_graph and compute_graph_scores give on the same matrix."
+    import torch
+    from ghosttrack.attribution.graph import compute_adjacency, graph_scores, output_weights, prune_graph
+    from ghosttrack.attribution.replacement import ReplacementModel
+    from ghosttrack.core.io import load_tensors, save_tensors
+    from ghosttrack.data.models import load_model
+    from ghosttrack.dictionaries.clt_multi import load_multilayer_clt
+    model, tok = load_model(tiny_model_dir)
+    clt = load_multilayer_clt(graphs.parent / "clts" / "clt_all").eval()
+    rm = ReplacementModel(model, tok("The tower is in the city of", return_tensors="pt").input_ids, clt)
+    A = compute_adjacency(rm).float()
+    kinds = [nd.kind for nd in rm.nodes]
+    count = {k: kinds.count(k) for k in ("feature", "error", "embedding", "output")}
+    assert kinds == sum(([k] * n for k, n in count.items()), []), "circuit-tracer's node order: features, errors, tokens, logits"
+    assert count["error"] % count["embedding"] == 0 and count["feature"] > 20
+    node_t, edge_t = thresholds
+    save_tensors({"A": A, "p": output_weights(rm.nodes)[-count["output"]:].float()}, tmp_path / "graph.safetensors")
+    theirs = in_circuit_tracer(SCORES, tmp_path / "graph.safetensors",
+                               json.dumps(dict(n_tokens=count["embedding"], n_logits=count["output"], n_features=count["feature"],
+                                               n_layers=count["error"] // count["embedding"], node_threshold=node_t, edge_threshold=edge_t)),
+                               tmp_path / "pruned.safetensors")
+    masks = load_tensors(tmp_path / "pruned.safetensors")
+    ours, scores = prune_graph(A, rm.nodes, node_t, edge_t), graph_scores(A, rm.nodes)
+    for k in ("replacement_score", "completeness_score"):
+        assert abs(scores[k] - theirs[k]) < 1e-5, (k, scores[k], theirs[k])
+    assert torch.equal(ours.node_mask, masks["node_mask"])
+    assert torch.equal(ours.edge_mask, masks["edge_mask"] & (A != 0))
+    torch.testing.assert_close(ours.cumulative, masks["cumulative"], atol=1e-5, rtol=0)
+    assert 0 < ours.stats["nodes"] < len(kinds) and 0 < ours.stats["edges"] < int((A != 0).sum())

@@ -19,27 +19,13 @@ from ..core.io import atomic_path, atomic_write_text, load_json, save_json
 
 # %% auto #0
 __all__ = ['FEATURE_TYPES', 'GRAPH_SCHEMA', 'CSV_FIELDS', 'GRAPH_INDEX', 'INDEX_FIELDS', 'KIND_COLORS', 'cantor_pair',
-           'cumulative_influence', 'graph_to_json', 'validate_graph_json', 'load_graph_json', 'write_edges_csv',
-           'graph_index_entry', 'update_graph_index', 'save_graph_json', 'draw_graph', 'graph_html']
+           'graph_to_json', 'validate_graph_json', 'load_graph_json', 'write_edges_csv', 'graph_index_entry',
+           'update_graph_index', 'save_graph_json', 'draw_graph', 'graph_html']
 
 # %% ../../nbs/62_attribution_export.ipynb #07b515f2
 def cantor_pair(x: int, y: int) -> int:
     "One non-negative integer for the pair `(x, y)` of non-negative integers (Cantor's pairing; the viewer unpairs it)."
     return (x + y) * (x + y + 1) // 2 + y
-
-def cumulative_influence(g: Graph) -> torch.Tensor:
-    "Each node's running share of its kind's influence, the nodes of a kind from most to least influential: in (0, 1]."
-    inf, kinds = g.pruned.node_influence.double().clamp_min(0), [nd.kind for nd in g.nodes]
-    share = torch.ones(len(kinds), dtype=torch.float64)
-    for kind in set(kinds):
-        idx = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
-        v = inf[idx]
-        if not v.sum() > 0: continue                          # no influence at all (outputs): 1, the end of the ranking
-        order = v.argsort(descending=True, stable=True)
-        s = torch.empty_like(v)
-        s[order] = (v[order].cumsum(0) / v.sum()).clamp(max=1.0)
-        share[idx] = s
-    return share
 
 # %% ../../nbs/62_attribution_export.ipynb #1782db75
 FEATURE_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error", "embedding": "embedding", "output": "logit"}
@@ -82,7 +68,7 @@ def graph_to_json(g: Graph, slug: str, prompt: str = "", model: str = "", scan: 
     """The circuit-tracer frontend JSON of the pruned graph. `model`: the explained model's name (kept in `metadata.info`);
     `scan`: the dictionary set's name (default: the single dictionary's name, else `custom-<hash of their names>`)."""
     keep = g.pruned.node_mask.nonzero().flatten().tolist()
-    share, target = cumulative_influence(g), _target_output(g)
+    share, target = g.pruned.cumulative, _target_output(g)
     nodes = {i: _node_json(g, i, g.nodes[i], float(share[i]), i == target) for i in keep}
     t, s = g.pruned.edge_mask.nonzero(as_tuple=True)
     links = [{"source": nodes[int(b)]["node_id"], "target": nodes[int(a)]["node_id"], "weight": float(g.A[a, b])}

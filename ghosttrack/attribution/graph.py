@@ -12,7 +12,6 @@ import torch
 
 from .replacement import ReplacementModel, as_dictionary, compute_adjacency
 
-
 # %% auto #0
 __all__ = ['normalized_abs', 'influence', 'PrunedGraph', 'output_weights', 'graph_scores', 'prune_graph', 'total_effects',
            'ablation_agreement', 'Graph', 'build_graph', 'top_paths', 'describe_path', 'static_clt_graph']
@@ -34,10 +33,11 @@ def influence(A: torch.Tensor, w: torch.Tensor, normalized: bool = False) -> tor
 
 @dataclass
 class PrunedGraph:
-    "Which nodes and edges survive pruning, and the influence they carry."
+    "Which nodes and edges survive pruning, the influence they carry, and each node's cumulative influence share."
     node_mask: torch.Tensor
     edge_mask: torch.Tensor
     node_influence: torch.Tensor
+    cumulative: torch.Tensor
     stats: dict = field(default_factory=dict)
 
 def output_weights(rm_or_nodes) -> torch.Tensor:
@@ -46,50 +46,53 @@ def output_weights(rm_or_nodes) -> torch.Tensor:
     w = torch.tensor([nd.prob if nd.kind == "output" else 0.0 for nd in nodes], dtype=torch.float64)
     return w / w.sum().clamp_min(1e-300)
 
+def _kinds(nodes, *kinds) -> torch.Tensor: return torch.tensor([nd.kind in kinds for nd in nodes])
+
 def graph_scores(A: torch.Tensor, nodes) -> dict:
-    "Replacement score and completeness score of a graph (see the prose above)."
-    w = output_weights(nodes)
-    inf = influence(A, w)
-    kinds = [nd.kind for nd in nodes]
-    err = torch.tensor([k == "error" for k in kinds]); emb = torch.tensor([k == "embedding" for k in kinds])
+    "Replacement score and completeness score of a graph, as circuit-tracer's `compute_graph_scores` (see the prose above)."
+    w, N = output_weights(nodes), normalized_abs(A)
+    inf = influence(N, w, normalized=True)
+    err, emb = _kinds(nodes, "error"), _kinds(nodes, "embedding")
     e_inf, m_inf = inf[err].sum().item(), inf[emb].sum().item()
-    a = A.abs().double()
-    non_err = a[:, ~err].sum(1) / a.sum(1).clamp_min(1e-300)
-    has_in = a.sum(1) > 0
-    wt = (inf + w) * has_in
+    non_err, wt = 1 - N[:, err].sum(1), inf + w
     return {"replacement_score": m_inf / max(m_inf + e_inf, 1e-300), "completeness_score": float((non_err * wt).sum() / wt.sum().clamp_min(1e-300)),
             "error_influence": e_inf, "embedding_influence": m_inf}
 
-def _cover(scores: torch.Tensor, share: float) -> torch.Tensor:
-    "Mask of the largest `scores` whose sum first reaches `share` of the total."
-    order = scores.argsort(descending=True)
-    c = scores[order].cumsum(0)
-    total = c[-1] if len(c) else scores.new_zeros(())
-    keep = int((c < share * total).sum()) + 1 if total > 0 else 0
-    mask = torch.zeros(len(scores), dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask
+def _threshold(scores: torch.Tensor, share: float) -> torch.Tensor:
+    "The smallest score among the largest `scores` whose running share of the total first reaches `share`."
+    ranked = scores.sort(descending=True).values
+    running = ranked.cumsum(0) / ranked.sum()
+    return ranked[min(int(torch.searchsorted(running, torch.tensor(share, dtype=running.dtype))), len(ranked) - 1)]
 
 def prune_graph(A: torch.Tensor, nodes, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PrunedGraph:
-    "Keep the features with `node_threshold` of the feature influence, then the edges with `edge_threshold` of the edge influence."
+    "circuit-tracer's pruning: nodes by influence, then edges by edge influence, then nodes left without edges (see above)."
+    for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0 <= v <= 1: raise ValueError(f"{name}={v}: a share of the influence, between 0 and 1")
     w = output_weights(nodes)
     inf = influence(A, w)
-    feat = torch.tensor([nd.kind == "feature" for nd in nodes])
-    node_mask = ~feat
-    if feat.any(): node_mask[feat] = _cover(inf[feat], node_threshold)
-    keep = node_mask[:, None] & node_mask[None, :]
-    N = normalized_abs(A) * keep
-    inf2 = influence(N, w, normalized=True)
-    score = N * (inf2 + w)[:, None]
-    edge_mask = _cover(score.flatten(), edge_threshold).view_as(score) & (A != 0)
-    lost = influence(normalized_abs(A) * edge_mask, w, normalized=True)
-    sources = ~feat & torch.tensor([nd.kind in ("embedding", "error") for nd in nodes])
+    feat, fixed, mid = _kinds(nodes, "feature"), _kinds(nodes, "embedding", "output"), _kinds(nodes, "feature", "error")
+    node_mask = (inf >= _threshold(inf, node_threshold)) | fixed
+    N = normalized_abs(A * (node_mask[:, None] & node_mask[None, :]))
+    score = N * (influence(N, w, normalized=True) + w)[:, None]
+    edge_mask = score >= _threshold(score.flatten(), edge_threshold)
+    while True:   # features and errors need an outgoing edge, features an incoming one
+        keep = node_mask & ~(mid & ~edge_mask.any(0)) & ~(feat & ~edge_mask.any(1))
+        edge_mask &= keep[:, None] & keep[None, :]
+        if torch.equal(keep, node_mask): break
+        node_mask = keep
+    ranked, order = inf.sort(descending=True)
+    cumulative = torch.empty_like(inf)
+    cumulative[order] = ranked.cumsum(0) / ranked.sum()
+    edge_mask &= A != 0
+    kept = influence(N * edge_mask, w, normalized=True)
+    sources = _kinds(nodes, "embedding", "error")
     stats = {"nodes": int(node_mask.sum()), "edges": int(edge_mask.sum()), "nodes_before": len(nodes), "edges_before": int((A != 0).sum()),
+             "node_influence_kept": float(inf[node_mask].sum() / inf.sum().clamp_min(1e-300)),
              "feature_influence_kept": float(inf[feat & node_mask].sum() / inf[feat].sum().clamp_min(1e-300)) if feat.any() else 1.0,
              "edge_influence_kept": float((score * edge_mask).sum() / score.sum().clamp_min(1e-300)),
-             "output_influence_kept": float(lost[sources].sum() / inf[sources].sum().clamp_min(1e-300)),
+             "output_influence_kept": float(kept[sources].sum() / inf[sources].sum().clamp_min(1e-300)),
              "node_threshold": node_threshold, "edge_threshold": edge_threshold}
-    return PrunedGraph(node_mask, edge_mask, inf.float(), stats)
+    return PrunedGraph(node_mask, edge_mask, inf.float(), cumulative.float(), stats)
 
 # %% ../../nbs/61_attribution_graph.ipynb #dc2558b2
 def total_effects(A: torch.Tensor, nodes) -> torch.Tensor:
