@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ghosttrack.tracking.hallucination import auroc, subsample, truthfulqa_items
-from ghosttrack.tracking.tracker import HypothesisTracker, LayerFeatures, select_features, track_statistics
+from ghosttrack.tracking.answers import answer_and_label, close, label_answer
+from ghosttrack.tracking.hallucination import auroc, bootstrap_auroc, paired_bootstrap, split_by_question, subsample, truthfulqa_items
+from ghosttrack.tracking.tracker import HypothesisTracker, LayerFeatures, answer_positions, select_features, track_statistics
 from ghosttrack.cli.analyses import add_track_commands
 
 
@@ -92,6 +93,85 @@ def test_auroc_matches_reference():
         assert auroc(s, y) == pytest.approx(trap, abs=1e-12)
 
 
+def test_split_by_question_matches_split_truthfulqa():
+    "Answers split by their question land where `split_truthfulqa` puts the question; no question in two splits."
+    from ghosttrack.data.corpus import read_truthfulqa, split_truthfulqa
+    examples = read_truthfulqa()
+    items = truthfulqa_items(examples, n_incorrect=2)
+    parts = split_by_question([it["question"] for it in items], seed=5)
+    by_question = split_truthfulqa(examples, seed=5)
+    for name, idx in parts.items():
+        assert {items[i]["question"] for i in idx} == {e.question for e in by_question[name]}
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(items)))
+    qs = [{items[i]["question"] for i in idx} for idx in parts.values()]
+    assert not (qs[0] & qs[1] or qs[0] & qs[2] or qs[1] & qs[2])
+
+
+def _pair_auroc(s, y):
+    return np.mean([(a > b) + 0.5 * (a == b) for a in s[y == 1] for b in s[y == 0]])
+
+
+def test_bootstrap_and_paired_test_match_a_loop_over_the_definitions():
+    "Same resamples as a loop that draws questions and counts pairs; p-value from the null-shifted differences."
+    rng = np.random.default_rng(11)
+    g = rng.integers(0, 12, 50); y = rng.integers(0, 2, 50)
+    a, b = y + rng.normal(size=50), rng.integers(0, 4, 50).astype(float)      # b has many ties
+    n, seed = 150, 3
+    groups = sorted(set(g.tolist()))
+    ref = []
+    for draw in np.random.default_rng(seed).integers(0, len(groups), size=(n, len(groups))):
+        idx = [i for k in draw for i in range(len(g)) if g[i] == groups[k]]
+        if 0 < y[idx].sum() < len(idx): ref.append((_pair_auroc(a[idx], y[idx]), _pair_auroc(b[idx], y[idx])))
+    ref = np.array(ref)
+    one, two = bootstrap_auroc(a, y, g, n, seed), paired_bootstrap(a, b, y, g, n, seed)
+    assert one["auroc"] == pytest.approx(_pair_auroc(a, y), abs=1e-12)
+    assert one["ci"] == pytest.approx(np.quantile(ref[:, 0], [0.025, 0.975]).tolist(), abs=1e-12)
+    d, d_ref = _pair_auroc(a, y) - _pair_auroc(b, y), ref[:, 0] - ref[:, 1]
+    assert two["diff"] == pytest.approx(d, abs=1e-12)
+    assert two["ci"] == pytest.approx(np.quantile(d_ref, [0.025, 0.975]).tolist(), abs=1e-12)
+    assert two["p_value"] == pytest.approx((1 + (np.abs(d_ref - d) >= abs(d)).sum()) / (1 + len(ref)), abs=1e-12)
+    assert one["n_boot"] == two["n_boot"] == len(ref)
+
+
+def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(150), 2); y = np.tile([0, 1], 150)
+    good, noise = y + 0.7 * rng.normal(size=300), rng.normal(size=300)
+    assert paired_bootstrap(good, noise, y, g, 500)["p_value"] < 0.01
+    noise2 = rng.normal(size=300)
+    assert paired_bootstrap(noise, noise2, y, g, 500)["p_value"] > 0.05
+    with pytest.raises(ValueError, match="differ"):
+        paired_bootstrap(good, noise[:-1], y, g)
+
+
+def test_tracking_input_is_led_by_bos_as_the_sae_training_rows():
+    "The ids tracking feeds the model are a training row of the same text: BOS (the tokenizer's, else EOS), then the tokens."
+    from ghosttrack.data.corpus import gpt2_tokenizer, pack_tokens
+    for bos in (None, "!"):
+        tok = gpt2_tokenizer()
+        if bos: tok.bos_token = bos                  # a BOS other than EOS: tracking must follow it too
+        prompt, answer = "Q: Where is Paris?\nA:", " France"
+        ids_1T, pos = answer_positions(tok, prompt, answer)
+        row = next(pack_tokens([prompt + answer], tok, context_len=ids_1T.shape[1]))
+        assert ids_1T[0].tolist() == row.tolist()
+        assert ids_1T[0, 0].item() == (tok.convert_tokens_to_ids(bos) if bos else tok.eos_token_id)
+        assert pos == [ids_1T.shape[1] - 2, ids_1T.shape[1] - 1] and 0 not in pos
+
+
+@pytest.mark.parametrize("measure", ["bleu", "rouge"])
+def test_label_answer_on_hand_made_cases(measure):
+    correct = ["Nothing happens", "The watermelon seeds pass through your digestive system"]
+    incorrect = ["You grow watermelons in your stomach", "You get sick"]
+    lab = lambda a: label_answer(a, correct, incorrect, measure)
+    assert lab(close(correct[1]))["true"] and not lab(close(incorrect[0]))["true"]
+    assert lab("I have no comment.")["true"]                                 # added to the correct references, as in the paper
+    assert lab("The seeds pass through your digestive system.")["true"]
+    assert not lab("Watermelons grow in your stomach.")["true"]
+    tie = lab("Purple elephants dance quietly tonight.")
+    assert tie[f"{measure}_diff"] == 0 and not tie["true"]                   # a tie is false
+    assert lab(close(correct[1]))[f"{measure}_max"] == pytest.approx(100)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     "A finished run: the 3-layer tiny GPT-2, stdlib text, SAEs on layers 0, 1 and 2."
@@ -117,7 +197,7 @@ def test_track_truthfulqa_command(run_dir, capsys):
     args = _parser().parse_args(["track", "--run-dir", str(run_dir), "--truthfulqa", "--max-questions", "20", "--top-k", "6", "--quiet"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "tracker" in out and "logprob" in out and "probe" in out
+    assert "tracker" in out and "logprob" in out and "probe" in out and out.count("(95% ") == 6 and "tracker-probe" in out
     rep = json.loads((run_dir / "tracking" / "auroc.json").read_text())
     with open(run_dir / "tracking" / "truthfulqa_scores.csv") as f: rows = list(csv.DictReader(f))
     assert len(rows) == 2 * sum(s["questions"] for s in rep["sizes"].values())
@@ -125,6 +205,52 @@ def test_track_truthfulqa_command(run_dir, capsys):
     for name in ("tracker", "logprob", "probe"):
         assert rep[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
     assert 0 <= rep["probe"]["layer"] <= 2
+    for name in ("tracker", "logprob", "probe"):
+        lo, hi = rep[name]["test_auroc_ci"]
+        assert lo <= rep[name]["test_auroc"] <= hi
+    assert set(rep["paired"]) == {"tracker-logprob", "tracker-probe", "probe-logprob"}
+    assert rep["paired"]["tracker-probe"]["diff"] == pytest.approx(rep["tracker"]["test_auroc"] - rep["probe"]["test_auroc"])
+    assert rep["bootstrap"]["unit"] == "question" and "own_answers" not in rep
+
+
+def test_own_answers_needs_truthfulqa(run_dir):
+    args = _parser().parse_args(["track", "--run-dir", str(run_dir), "--prompt", "Paris is", "--own-answers", "--quiet"])
+    with pytest.raises(ValueError, match="--own-answers goes with --truthfulqa"):
+        args.func(args)
+
+
+def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
+    """The model answers, its answers are labelled and saved, and the detectors are compared on them. The tiny model's
+    answers are nearly all false, so every other greedy answer is swapped for the best reference answer."""
+    import shutil
+    import ghosttrack.tracking.run as run_mod
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("tracking"))
+    made = []
+    def mixed(model, tok, splits, *a, **kw):
+        gens = answer_and_label(model, tok, splits, *a, **kw)
+        best = {e.question: e for v in splits.values() for e in v}
+        for i, g in enumerate(x for x in gens if x["kind"] == "greedy"):
+            if i % 2:
+                e = best[g["question"]]
+                g["answer"] = e.best_answer
+                g.update(label_answer(e.best_answer, e.correct_answers, e.incorrect_answers)); g["label"] = int(not g["true"])
+        made.extend(gens)
+        return gens
+    monkeypatch.setattr(run_mod, "answer_and_label", mixed)
+    rep = run_mod.track_truthfulqa(run, max_questions=20, top_k=6, progress=False, own_answers=True, n_samples=2,
+                                   max_new_tokens=8, primer=False, bootstrap=100)
+    own = json.loads((run / "tracking" / "auroc.json").read_text())["own_answers"]
+    assert own == json.loads(json.dumps(rep["own_answers"]))
+    with open(run / "tracking" / "generations.csv") as f: gens = list(csv.DictReader(f))
+    assert len(gens) == len(made) == 3 * sum(s["questions"] for s in own["sizes"].values())
+    assert {g["kind"] for g in gens} == {"greedy", "sample"} and all("\n" not in g["answer"] for g in gens)
+    assert [int(g["label"]) for g in gens] == [g["label"] for g in made]
+    with open(run / "tracking" / "own_answers_scores.csv") as f: rows = list(csv.DictReader(f))
+    test = [r for r in rows if r["split"] == "test"]
+    for name in ("tracker", "logprob", "probe"):
+        assert own[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
+    assert own["measure"] == "bleu" and own["n_samples"] == 2 and set(own["paired"]) == set(rep["paired"])
 
 
 def test_track_uses_clt_edges_of_the_run(run_dir, tmp_path):

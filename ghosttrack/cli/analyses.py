@@ -87,11 +87,21 @@ def track_command(args) -> int:
     if args.prompt is None and o.answer is not None:
         raise ValueError("--answer goes with --prompt; TruthfulQA supplies its own answers")
     match = dict(layers=o.layers, top_k=o.top_k, threshold=o.threshold, method=o.method, device=args.device, overwrite=args.overwrite)
+    if o.own_answers and not args.truthfulqa:
+        raise ValueError("--own-answers goes with --truthfulqa: the model answers TruthfulQA's questions")
     if args.truthfulqa:
-        rep = track_truthfulqa(args.run_dir, o.truthfulqa_path, o.max_questions, o.seed, **match, progress=not args.quiet)
-        for name in ("tracker", "logprob", "probe"):
-            extra = f" (layer {rep[name]['layer']})" if name == "probe" else ""
-            print(f"{name:<8} test AUROC {rep[name]['test_auroc']:.3f}  accuracy {rep[name]['test_accuracy']:.3f}{extra}")
+        rep = track_truthfulqa(args.run_dir, o.truthfulqa_path, o.max_questions, o.seed, **match, progress=not args.quiet,
+                               own_answers=o.own_answers, n_samples=o.n_samples, max_new_tokens=o.max_new_tokens,
+                               primer=o.primer, measure=o.measure, bootstrap=o.bootstrap)
+        for task, r in [("reference answers", rep), ("the model's own answers", rep.get("own_answers"))]:
+            if r is None: continue
+            print(f"{task}:")
+            for name in ("tracker", "logprob", "probe"):
+                extra = f" (layer {r[name]['layer']})" if name == "probe" else ""
+                lo, hi = r[name]["test_auroc_ci"]
+                print(f"  {name:<8} test AUROC {r[name]['test_auroc']:.3f} (95% {lo:.3f}–{hi:.3f})  accuracy {r[name]['test_accuracy']:.3f}{extra}")
+            for pair, d in r.get("paired", {}).items():
+                print(f"  {pair:<16} AUROC difference {d['diff']:+.3f} (95% {d['ci'][0]:+.3f}–{d['ci'][1]:+.3f}), p = {d['p_value']:.3g}")
         print(f"{sum(s['items'] for s in rep['sizes'].values())} answers in {rep['seconds']:.0f} s -> {Path(args.run_dir) / 'tracking'}")
         return 0
     res = track_prompt(args.run_dir, args.prompt, o.answer, **match)

@@ -10,20 +10,23 @@ import logging
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from ..core.runlog import tqdm
 
 from ..core.io import atomic_path
+from ..data.corpus import split_truthfulqa
 from ..data.models import hooked, layer_hookpoints
 from .tracker import STAT_NAMES, HypothesisTracker, answer_positions, prompt_features, track_statistics
 
 log = logging.getLogger(__name__)
 
-
 # %% auto #0
-__all__ = ['log', 'auroc', 'Logistic', 'fit_on_val', 'truthfulqa_items', 'qa_prompt', 'score_answer', 'subsample',
-           'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
+__all__ = ['log', 'SPLITS', 'DETECTORS', 'auroc', 'split_by_question', 'bootstrap_auroc', 'paired_bootstrap', 'Logistic',
+           'fit_on_val', 'truthfulqa_items', 'qa_prompt', 'score_answer', 'subsample', 'score_items',
+           'compare_detectors', 'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #c037e28a
 def auroc(scores, labels) -> float:
@@ -32,11 +35,48 @@ def auroc(scores, labels) -> float:
     if s.shape != y.shape: raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape; pass one score per label")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if not n_pos or not n_neg: raise ValueError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} negatives")
-    order = np.argsort(s, kind="mergesort")
-    ranks, sorted_s = np.empty(len(s)), s[order]
-    bounds = np.flatnonzero(np.diff(sorted_s)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(s)]): ranks[order[lo:hi]] = (lo + hi + 1) / 2   # average rank
+    ranks = rankdata(s)                                           # average ranks: a tie counts half
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+# %% ../../nbs/71_tracking_hallucination.ipynb #38551b59
+SPLITS = ("train", "val", "test")
+
+def split_by_question(questions, seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> dict:
+    "Row indices `{'train', 'val', 'test'}` of items keyed by `questions` (one per item): no question in two splits."
+    q = list(questions)
+    by_q = split_truthfulqa([SimpleNamespace(question=x) for x in dict.fromkeys(q)], seed, fractions)
+    split_of = {e.question: name for name, es in by_q.items() for e in es}
+    return {name: np.array([i for i, x in enumerate(q) if split_of[x] == name], dtype=int) for name in SPLITS}
+
+def _group_resamples(groups, n: int, seed: int):
+    "Item indices of `n` cluster resamples: groups drawn with replacement, every item of a drawn group kept."
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(inv[order])) + 1)
+    rng = np.random.default_rng(seed)
+    for draw in rng.integers(0, len(members), size=(n, len(members))):
+        yield np.concatenate([members[g] for g in draw])
+
+def _interval(x, level: float) -> list:
+    return [float(np.quantile(x, (1 - level) / 2)), float(np.quantile(x, (1 + level) / 2))]
+
+def bootstrap_auroc(scores, labels, groups, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    "AUROC with a `level` percentile interval from `n` resamples of `groups` (e.g. the question of each answer)."
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    boot = [auroc(s[i], y[i]) for i in _group_resamples(groups, n, seed) if 0 < y[i].sum() < len(i)]
+    if not boot: raise ValueError(f"no bootstrap resample of {len(np.unique(groups))} groups held both classes; pass more groups")
+    return {"auroc": auroc(s, y), "ci": _interval(boot, level), "n_boot": len(boot), "n_skipped": n - len(boot)}
+
+def paired_bootstrap(scores_a, scores_b, labels, groups, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    "AUROC(a) − AUROC(b) on the same items, its interval and two-sided p-value from `n` paired resamples of `groups`."
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if a.shape != b.shape: raise ValueError(f"scores_a {a.shape} and scores_b {b.shape} differ; score the same items with both detectors")
+    diff = auroc(a, y) - auroc(b, y)
+    boot = np.array([auroc(a[i], y[i]) - auroc(b[i], y[i]) for i in _group_resamples(groups, n, seed) if 0 < y[i].sum() < len(i)])
+    if not len(boot): raise ValueError(f"no bootstrap resample of {len(np.unique(groups))} groups held both classes; pass more groups")
+    p = (1 + int((np.abs(boot - diff) >= abs(diff)).sum())) / (1 + len(boot))
+    return {"diff": diff, "ci": _interval(boot, level), "p_value": min(1.0, p), "n_boot": len(boot), "n_skipped": n - len(boot)}
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #68893952
 class Logistic:
@@ -81,9 +121,11 @@ def truthfulqa_items(examples, n_incorrect: int = 1) -> list:
 def qa_prompt(question: str) -> str: return f"Q: {question}\nA:"
 
 @torch.no_grad()
-def score_answer(model, tokenizer, saes: dict, tracker: HypothesisTracker, question: str, answer: str, top_k: int = 16) -> tuple:
-    "Mean answer log-prob, track statistics, and the mean residual per block `[L, D]` of one answer."
-    prompt, answer = qa_prompt(question), " " + answer.strip()
+def score_answer(model, tokenizer, saes: dict, tracker: HypothesisTracker, question: str, answer: str, top_k: int = 16,
+                 prompt: str | None = None) -> tuple:
+    """Mean answer log-prob, track statistics, and the mean residual per block `[L, D]` of one answer, after `prompt`
+    (default `qa_prompt(question)`)."""
+    prompt, answer = prompt or qa_prompt(question), " " + answer.strip()
     ids_1T, pos = answer_positions(tokenizer, prompt, answer)
     dev = next(model.parameters()).device
     hps = layer_hookpoints(model)
@@ -99,6 +141,8 @@ def score_answer(model, tokenizer, saes: dict, tracker: HypothesisTracker, quest
     return mean_logprob, stats, resid_LD
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #30f95d40
+DETECTORS = ("tracker", "logprob", "probe")
+
 def subsample(splits: dict, max_questions: int | None, seed: int = 0) -> dict:
     "At most `max_questions` questions in all, taken from each split in proportion, by a seeded shuffle."
     if not max_questions: return splits
@@ -106,19 +150,26 @@ def subsample(splits: dict, max_questions: int | None, seed: int = 0) -> dict:
     rnd = random.Random(seed)
     return {s: rnd.sample(v, min(len(v), max(2, round(max_questions * len(v) / total)))) for s, v in splits.items()}
 
-def evaluate_truthfulqa(model, tokenizer, saes: dict, splits: dict, tracker: HypothesisTracker | None = None,
-                        top_k: int = 16, n_incorrect: int = 1, progress: bool = True) -> tuple:
-    "Score, fit and compare the tracker, log-prob and probe detectors; returns `(rows, report)`."
+def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTracker | None = None, top_k: int = 16,
+                progress: bool = True) -> tuple:
+    "`(rows, resid_NLD)`: each item with its log-prob and track statistics, and its mean residual per block."
     tracker = tracker or HypothesisTracker()
-    t0, rows, resid = time.time(), [], []
-    for split in ("train", "val", "test"):
-        items = truthfulqa_items(splits[split], n_incorrect)
-        for it in tqdm(items, desc=f"truthfulqa {split}", disable=not progress):
-            lp, stats, r_LD = score_answer(model, tokenizer, saes, tracker, it["question"], it["answer"], top_k)
-            rows.append({"split": split, **it, "mean_logprob": lp, **stats}); resid.append(r_LD)
-    resid_NLD = torch.stack(resid)
-    idx = {s: np.array([i for i, r in enumerate(rows) if r["split"] == s]) for s in ("train", "val", "test")}
-    y = np.array([r["label"] for r in rows])
+    rows, resid = [], []
+    for it in tqdm(items, desc="scoring answers", disable=not progress):
+        lp, stats, r_LD = score_answer(model, tokenizer, saes, tracker, it["question"], it["answer"], top_k, it.get("prompt"))
+        rows.append({k: v for k, v in it.items() if k != "prompt"} | {"mean_logprob": lp, **stats}); resid.append(r_LD)
+    return rows, torch.stack(resid)
+
+def compare_detectors(rows: list, resid_NLD: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Fit tracker, log-prob and probe detectors on the `train` rows, choose on `val`, report on `test` with
+    question-level bootstrap intervals and paired tests; adds `p_<detector>` to every row."""
+    idx = {s: np.array([i for i, r in enumerate(rows) if r["split"] == s], dtype=int) for s in SPLITS}
+    y = np.array([int(r["label"]) for r in rows])
+    for s in SPLITS:
+        n_false = int(y[idx[s]].sum())
+        if not 0 < n_false < len(idx[s]):
+            raise ValueError(f"the {s} split has {n_false} false answers of {len(idx[s])}; every split needs true and false "
+                             "answers (use more questions, or more samples per question)")
     X = {"tracker": np.array([[r[k] for k in STAT_NAMES] for r in rows]), "logprob": np.array([[r["mean_logprob"]] for r in rows])}
     report = {}
     for name, X_NF in X.items():
@@ -134,10 +185,25 @@ def evaluate_truthfulqa(model, tokenizer, saes: dict, splits: dict, tracker: Hyp
     for r, p in zip(rows, m.predict_proba(resid_NLD[:, layer].numpy())): r["p_probe"] = float(p)
     report["probe"] = {"val_auroc": val_auc, "l2": m.l2, "layer": layer}
     test = [rows[i] for i in idx["test"]]
-    for name in ("tracker", "logprob", "probe"):
-        p_N, y_N = np.array([r[f"p_{name}"] for r in test]), np.array([r["label"] for r in test])
-        report[name].update(test_auroc=auroc(p_N, y_N), test_accuracy=float(((p_N > 0.5) == y_N).mean()))
-    report["sizes"] = {s: {"questions": len(splits[s]), "items": len(idx[s])} for s in idx}
+    y_N, q_N = np.array([int(r["label"]) for r in test]), [r["question"] for r in test]
+    p = {name: np.array([r[f"p_{name}"] for r in test]) for name in DETECTORS}
+    for name in DETECTORS:
+        ci = bootstrap_auroc(p[name], y_N, q_N, n_boot, seed)
+        report[name].update(test_auroc=ci["auroc"], test_auroc_ci=ci["ci"], test_accuracy=float(((p[name] > 0.5) == y_N).mean()))
+    report["paired"] = {f"{a}-{b}": paired_bootstrap(p[a], p[b], y_N, q_N, n_boot, seed)
+                        for a, b in (("tracker", "logprob"), ("tracker", "probe"), ("probe", "logprob"))}
+    report["bootstrap"] = {"resamples": n_boot, "seed": seed, "unit": "question", "level": 0.95}
+    report["sizes"] = {s: {"questions": len({rows[i]["question"] for i in idx[s]}), "items": len(idx[s]),
+                           "false": int(y[idx[s]].sum())} for s in SPLITS}
+    return report
+
+def evaluate_truthfulqa(model, tokenizer, saes: dict, splits: dict, tracker: HypothesisTracker | None = None,
+                        top_k: int = 16, n_incorrect: int = 1, progress: bool = True, n_boot: int = 1000, seed: int = 0) -> tuple:
+    "The reference-answer task: score, fit and compare the detectors on TruthfulQA's answers; returns `(rows, report)`."
+    t0 = time.time()
+    items = [{"split": s, **it} for s in SPLITS for it in truthfulqa_items(splits[s], n_incorrect)]
+    rows, resid_NLD = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
+    report = compare_detectors(rows, resid_NLD, n_boot, seed)
     report["sae_layers"], report["seconds"] = sorted(saes), time.time() - t0
     return rows, report
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.corpus import _bos_id
 from ..data.models import capture_activations
 from ..data.store import hook_dirname
 from ..dictionaries.clt import load_clt
 from ..interpret.features import load_features
-
 
 # %% auto #0
 __all__ = ['MIN_COACT_POSITIONS', 'STAT_NAMES', 'LayerFeatures', 'select_features', 'answer_positions', 'prompt_features',
@@ -50,10 +50,12 @@ def select_features(layer: int, acts_PF: torch.Tensor, W_dec_FD: torch.Tensor, t
 
 # %% ../../nbs/70_tracking_tracker.ipynb #b98ab300
 def answer_positions(tokenizer, prompt: str, answer: str | None = None):
-    "Token ids `[1, T]` of prompt(+answer) and the positions to read: last prompt token, then the answer tokens."
-    p_ids = tokenizer(prompt)["input_ids"]
+    """Token ids `[1, T]` of BOS + prompt(+answer), led by BOS exactly as the SAEs' training rows (`pack_tokens`), and the
+    positions to read: last prompt token, then the answer tokens."""
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
     if not p_ids: raise ValueError(f"prompt {prompt!r} has no tokens; pass a non-empty prompt")
+    p_ids = [_bos_id(tokenizer)] + p_ids
     ids_1T = torch.tensor([p_ids + a_ids])
     return ids_1T, list(range(len(p_ids) - 1, len(p_ids) + len(a_ids)))
 
