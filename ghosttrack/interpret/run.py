@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +17,8 @@ from ..core.runfolder import activations_dir, load_run_config, run_saes
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import check_same_model, load_model, model_name
 from ..data.store import hook_dirname
-from ..dictionaries.sae import load_sae
+from ..dictionaries.formats import load_dictionaries
+from ..dictionaries.sae import SAE, load_sae
 from .dashboard import write_dashboard
 from .features import FeatureInterpreter
 
@@ -38,18 +39,31 @@ class InterpretOptions:
     "tokens to read (default: the whole store, or `DEFAULT_TEXT_TOKENS` = 100,000 of --texts)"
     batch_size: int = 8
     "sequences per model forward"
+    dictionaries: list[str] = field(default=None, metadata={"flags": ("--dictionary",)})
+    "SAE folders to interpret instead of the run's, in any layout `ghosttrack convert` reads (ghosttrack, SAELens, sparsify); repeat for several"
 
 # %% auto #0
 __all__ = ['log', 'DEFAULT_TEXT_TOKENS', 'InterpretOptions', 'interpret_run']
 
 # %% ../../nbs/52_interpret_run.ipynb #4cba8697
+def _foreign_saes(folders) -> dict:
+    "`{hookpoint: SAE}` of dictionary folders in any layout (the SAEs a user trained elsewhere)."
+    saes = {}
+    for f in folders:
+        for name, d in load_dictionaries(f).items():
+            if not isinstance(d, SAE): raise ValueError(f"{f}: {name} is a transcoder; interpret reads SAEs (attribute takes transcoders)")
+            if not d.cfg.hook_name: raise ValueError(f"{f}: {name} does not say which hookpoint it reads (no hook_name in its config)")
+            saes[d.cfg.hook_name] = d
+    return saes
+
 def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, max_tokens: int | None = None,
-                  device: str | None = None, overwrite: bool = False, progress: bool = True, batch_size: int = 8) -> dict:
-    """Interpret every feature of the run's SAEs (of `layers`), writing `interpret/<hookpoint>/features.json` and
-    `dashboard.html`. `texts`: None = the run's activation store, else a corpus source (`truthfulqa`, `wikipedia`,
-    `stdlib`, `text:PATH`). Returns `{hookpoint: summary + paths + seconds}`."""
+                  device: str | None = None, overwrite: bool = False, progress: bool = True, batch_size: int = 8,
+                  dictionaries=None) -> dict:
+    """Interpret every feature of the run's SAEs (of `layers`), or of the SAE folders `dictionaries` (any layout),
+    writing `interpret/<hookpoint>/features.json` and `dashboard.html`. `texts`: None = the run's activation store,
+    else a corpus source (`truthfulqa`, `wikipedia`, `stdlib`, `text:PATH`). Returns `{hookpoint: summary + paths + seconds}`."""
     run, cfg = Path(run_dir), load_run_config(run_dir)
-    saes = run_saes(cfg, layers)
+    saes = _foreign_saes(dictionaries) if dictionaries else run_saes(cfg, layers)
     outs = {hp: run / "interpret" / hook_dirname(hp) for hp in saes}
     for hp, out in outs.items(): check_overwrite(out / "features.json", (out / "features.json").exists(), overwrite, "feature interpretation")
     device = device or cfg.extract.device
@@ -65,8 +79,8 @@ def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, m
         store = activations_dir(cfg) / hook_dirname(hp)
         if source is None and not (store / "manifest.json").exists():
             raise FileNotFoundError(f"no activation store for {hp} at {store}; pass --texts stdlib|wikipedia|truthfulqa|text:PATH to read text instead")
-        sae = load_sae(folder, device=device)
-        check_same_model(sae.cfg.model_name, identity, f"the SAE at {folder}")
+        sae = folder.to(device).eval() if isinstance(folder, SAE) else load_sae(folder, device=device)
+        check_same_model(sae.cfg.model_name, identity, f"the SAE at {folder}" if not isinstance(folder, SAE) else f"the SAE of {hp}")
         fi = FeatureInterpreter(sae, model, hp, device, tokenizer=tok, context_len=cfg.corpus.context_len,
                                 batch_size=batch_size, progress=progress)
         t0 = time.time()
