@@ -164,8 +164,8 @@ class TrainConfig:
     "AdamW weight decay"
     max_grad_norm: float = 1.0
     "gradient clipping threshold (0 disables)"
-    normalize_decoder_every: int = 100
-    "renormalise decoder rows to unit norm every N steps"
+    normalize_decoder_every: int = 1
+    "renormalise decoder rows to unit norm every N steps (the encoder compensates, so the model's output is unchanged)"
     auxk_coefficient: float = 1 / 32
     "weight of the AuxK loss on dead latents (topk / batchtopk)"
     auxk_k: int = 0

@@ -20,7 +20,7 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
            'SAEOutput', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE',
-           'make_sae', 'sparse_decode', 'TopKEncodeFn', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
+           'make_sae', 'sparse_decode', 'PreActsAt', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
 @dataclass
@@ -28,8 +28,8 @@ class SAEOutput:
     "One forward pass: the reconstruction, the code, and the loss split into its terms."
     x_hat: torch.Tensor
     "reconstruction, [B, d_in]"
-    acts: torch.Tensor
-    "feature activations, [B, d_sae]"
+    dense_acts: torch.Tensor | None
+    "feature activations, [B, d_sae], or None when only `top` was made (read them as `acts`)"
     pre_acts: torch.Tensor
     "encoder pre-activations before the nonlinearity, [B, d_sae]"
     loss: torch.Tensor
@@ -40,6 +40,16 @@ class SAEOutput:
     "L1 (relu) or L0 (jumprelu) penalty; 0 for topk and batchtopk"
     aux: torch.Tensor
     "AuxK loss on dead latents (topk, batchtopk); 0 without a dead mask or dead latents"
+    top: tuple | None = None
+    "`(vals_BK, idx_BK)`, the code as `k` values and indices per row, when the sparse TopK path made it"
+
+    @property
+    def acts(self) -> torch.Tensor:
+        "Feature activations `[B, d_sae]`, built from `top` on first read when the forward pass did not need them."
+        if self.dense_acts is None:
+            vals_BK, idx_BK = self.top
+            self.dense_acts = self.pre_acts.new_zeros(self.pre_acts.shape, dtype=vals_BK.dtype).scatter_(-1, idx_BK, vals_BK)
+        return self.dense_acts
 
 # %% ../../nbs/20_dict_sae.ipynb #d3e24b3c
 class SAE(nn.Module):
@@ -49,6 +59,8 @@ class SAE(nn.Module):
     saelens_architecture = ""
     "the architecture string SAELens loads it as"
     uses_auxk = False
+    encoder_init_scale = 1.0
+    "the encoder starts as this multiple of `W_dec.T`"
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -59,7 +71,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        self.W_enc_DF = nn.Parameter(W_dec_FD.T.clone())
+        self.W_enc_DF = nn.Parameter(self.encoder_init_scale * W_dec_FD.T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec_FD = nn.Parameter(W_dec_FD)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
@@ -84,10 +96,12 @@ class SAE(nn.Module):
         return pre_BF.new_zeros(())
 
     def code(self, x_BD: torch.Tensor) -> tuple:
-        "`(pre_BF, acts_BF, x_hat_BD)` of rows `x_BD`: the plain dense path (TopK overrides it with a sparse one)."
+        """`(pre_BF, acts_BF, x_hat_BD, pre_at, top)` of rows `x_BD`, where `pre_at(idx_BK)` gives the pre-activations
+        at `idx_BK` with their gradient (what AuxK reads) and `top` is the sparse form of the code or None (`acts_BF` is
+        None when `top` holds the code): the plain dense path (TopK overrides it with a sparse one)."""
         pre_BF = self.pre_acts(x_BD)
         acts_BF = self.activate(pre_BF)
-        return pre_BF, acts_BF, self.decode(acts_BF)
+        return pre_BF, acts_BF, self.decode(acts_BF), lambda idx_BK: pre_BF.gather(-1, idx_BK), None
 
     def forward(self, x_BD: torch.Tensor, dead_mask_F: torch.Tensor | None = None, *,
                 auxk_k: int | None = None, auxk_coefficient: float = 1 / 32,
@@ -96,25 +110,27 @@ class SAE(nn.Module):
         For one slice of a larger batch (gradient accumulation, one DDP rank), pass that batch's `total_var` and
         `total_rows`: the slices' losses then add up to the whole batch's loss."""
         x_BD = x_BD.reshape(-1, self.cfg.d_in)
-        pre_BF, acts_BF, x_hat_BD = self.code(x_BD)
+        pre_BF, acts_BF, x_hat_BD, pre_at, top = self.code(x_BD)
         x32_BD = x_BD.float()   # sums of squares in float32 even under autocast
         if total_var is None: total_var = (x32_BD - x32_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
         share = 1.0 if total_rows is None else len(x_BD) / total_rows
         recon = (x_hat_BD.float() - x32_BD).pow(2).sum() / total_var
         sigma = (total_var / ((total_rows or len(x_BD)) * self.cfg.d_in)).sqrt()
         sparsity = share * self.sparsity_loss(pre_BF, acts_BF, sigma)
-        aux = auxk_coefficient * self.auxk_loss(x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var)
-        return SAEOutput(x_hat_BD, acts_BF, pre_BF, recon + sparsity + aux, recon, sparsity, aux)
+        aux = auxk_coefficient * self.auxk_loss(x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var, pre_at)
+        return SAEOutput(x_hat_BD, acts_BF, pre_BF, recon + sparsity + aux, recon, sparsity, aux, top)
 
-    def auxk_loss(self, x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var) -> torch.Tensor:
-        "Residual reconstruction from the top-`auxk_k` dead latents (0 unless `uses_auxk` and some latent is dead)."
+    def auxk_loss(self, x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var, pre_at=None) -> torch.Tensor:
+        """Residual reconstruction from the top-`auxk_k` dead latents (0 unless `uses_auxk` and some latent is dead).
+        `pre_at(idx_BK)` gives the chosen pre-activations with their gradient (default: gathered from `pre_BF`)."""
         num_dead = 0 if dead_mask_F is None or not self.uses_auxk else int(dead_mask_F.sum())
         if num_dead == 0: return pre_BF.new_zeros(())
         auxk_k = auxk_k or self.cfg.d_in // 2
         scale, k = min(num_dead / auxk_k, 1.0), min(auxk_k, num_dead)
-        vals_BK, idx_BK = pre_BF.masked_fill(~dead_mask_F.bool(), -math.inf).topk(k, dim=-1, sorted=False)
-        if getattr(self, "sparse_decoder", False): e_hat_BD = sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
-        else: e_hat_BD = torch.zeros_like(pre_BF).scatter(-1, idx_BK, vals_BK) @ self.W_dec_FD
+        dead_N = dead_mask_F.nonzero().squeeze(1)
+        with torch.no_grad(): idx_BK = dead_N[pre_BF.index_select(-1, dead_N).topk(k, dim=-1, sorted=False).indices]
+        vals_BK = pre_at(idx_BK) if pre_at is not None else pre_BF.gather(-1, idx_BK)
+        e_hat_BD = sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
         return scale * (e_hat_BD.float() - (x_BD - x_hat_BD).detach().float()).pow(2).sum() / total_var
 
     @torch.no_grad()
@@ -126,9 +142,14 @@ class SAE(nn.Module):
         else: raise ValueError(f"method={method!r}: expected 'median' or 'mean'")
 
     @torch.no_grad()
-    def normalize_decoder_(self):
-        "Rescale every decoder row to unit norm."
-        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-8))
+    def normalize_decoder_(self) -> torch.Tensor:
+        """Rescale every decoder row to unit norm and that feature's encoder column and bias by the inverse, so the
+        code grows as the row shrinks and the reconstruction stays as it was; returns the old row norms."""
+        norm_F = self.W_dec_FD.norm(dim=1).clamp_min(1e-8)
+        self.W_dec_FD.div_(norm_F[:, None])
+        self.W_enc_DF.mul_(norm_F)
+        self.b_enc.mul_(norm_F)
+        return norm_F
 
     @torch.no_grad()
     def remove_parallel_grads_(self):
@@ -181,6 +202,7 @@ class TopKSAE(SAE):
     "Keep the `k` largest pre-activations per token (ReLU'd); AuxK revives dead latents."
     architecture = saelens_architecture = "topk"
     uses_auxk = True
+    encoder_init_scale = 0.4
 
     sparse_decoder = False
     "decode from the `k` active rows (`use_sparse_decoder`) instead of a dense `[B, d_sae] @ W_dec` matmul"
@@ -197,9 +219,11 @@ class TopKSAE(SAE):
     def code(self, x_BD):
         if not self.sparse_decoder: return super().code(x_BD)
         if self.cfg.apply_b_dec_to_input: x_BD = x_BD - self.b_dec
-        vals_BK, idx_BK, pre_BF = TopKEncodeFn.apply(x_BD, self.W_enc_DF, self.b_enc, self.cfg.k)
-        acts_BF = torch.zeros_like(pre_BF, dtype=vals_BK.dtype).scatter(-1, idx_BK, vals_BK)
-        return pre_BF, acts_BF, sparse_decode(vals_BK, idx_BK, self.W_dec_FD, self.b_dec)
+        with torch.no_grad(): pre_BF = x_BD @ self.W_enc_DF + self.b_enc   # gradients go only to the columns read below
+        pre_at = lambda idx_BK: PreActsAt.apply(x_BD, self.W_enc_DF, self.b_enc, pre_BF, idx_BK)
+        idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
+        vals_BK = F.relu(pre_at(idx_BK))
+        return pre_BF, None, sparse_decode(vals_BK, idx_BK, self.W_dec_FD, self.b_dec), pre_at, (vals_BK, idx_BK)
 
 class BatchTopKSAE(TopKSAE):
     "Top `k·B` activations over the batch when training; a per-token threshold θ at inference (saved as JumpReLU)."
@@ -279,6 +303,12 @@ class JumpReLUSAE(SAE):
 
     def activate(self, pre_BF): return JumpReLUFn.apply(pre_BF, self.threshold, self.cfg.jumprelu_bandwidth)
 
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        norm_F = super().normalize_decoder_()
+        self.threshold.mul_(norm_F)   # the gate compares the rescaled pre-activation with a threshold rescaled alike
+        return norm_F
+
     def sparsity_loss(self, pre_BF, acts_BF, sigma):
         l0_B = JumpReLUFn.apply(pre_BF, self.threshold, self.cfg.jumprelu_bandwidth, True).sum(-1)
         return self.cfg.l1_coefficient * l0_B.mean() / self.cfg.d_in
@@ -303,34 +333,24 @@ def sparse_decode(vals_BK: torch.Tensor, idx_BK: torch.Tensor, W_dec_FD: torch.T
     x_hat_BD = F.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=vals_BK.to(W_dec_FD.dtype), mode="sum")
     return x_hat_BD if b_dec_D is None else x_hat_BD + b_dec_D
 
-class TopKEncodeFn(torch.autograd.Function):
-    "`pre = x W_enc + b_enc`, its top-`k` (ReLU'd) values and indices; the backward touches only the `k` chosen columns."
+class PreActsAt(torch.autograd.Function):
+    """`pre[b, idx[b, j]]` of `pre = x W_enc + b_enc`, with `pre` computed by the caller without gradient: the backward
+    touches only the gathered encoder columns, never the dense `[B, d_sae]` matrix."""
     @staticmethod
-    def forward(ctx, x_BD, W_enc_DF, b_enc_F, k: int):
-        pre_BF = x_BD @ W_enc_DF + b_enc_F
-        vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
-        vals_BK = F.relu(vals_BK)
-        ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, vals_BK)
-        ctx.mark_non_differentiable(idx_BK)
-        ctx.set_materialize_grads(False)   # an unused `pre` must come back as None, not as a dense zero gradient
-        return vals_BK, idx_BK, pre_BF
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, pre_BF, idx_BK):
+        ctx.save_for_backward(x_BD, W_enc_DF, idx_BK)
+        return pre_BF.gather(-1, idx_BK)
 
     @staticmethod
-    def backward(ctx, g_vals_BK, g_idx, g_pre_BF):
-        x_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
-        x_BD = x_BD.to(W_enc_DF.dtype)
-        if g_vals_BK is None: g_vals_BK = torch.zeros_like(vals_BK)
-        g_BK = (g_vals_BK * (vals_BK > 0)).to(W_enc_DF.dtype)
+    def backward(ctx, g_BK):
+        x_BD, W_enc_DF, idx_BK = ctx.saved_tensors
+        g_BK, x_BD, flat_idx = g_BK.to(W_enc_DF.dtype), x_BD.to(W_enc_DF.dtype), idx_BK.reshape(-1)
         g_x_BD = sparse_decode(g_BK, idx_BK, W_enc_DF.T.contiguous())
-        flat_idx = idx_BK.reshape(-1)
-        g_W_FD = torch.zeros(W_enc_DF.shape[::-1], dtype=W_enc_DF.dtype, device=W_enc_DF.device)
-        g_W_FD.index_add_(0, flat_idx, (g_BK[..., None] * x_BD[:, None, :]).reshape(-1, x_BD.shape[-1]))
-        g_b_F = torch.zeros(W_enc_DF.shape[1], dtype=W_enc_DF.dtype, device=W_enc_DF.device).index_add_(0, flat_idx, g_BK.reshape(-1))
-        g_W_DF = g_W_FD.T
-        if g_pre_BF is not None:   # AuxK reads the dense pre-activations of dead latents
-            g_pre_BF = g_pre_BF.to(W_enc_DF.dtype)
-            g_x_BD, g_W_DF, g_b_F = g_x_BD + g_pre_BF @ W_enc_DF.T, g_W_DF + x_BD.T @ g_pre_BF, g_b_F + g_pre_BF.sum(0)
-        return g_x_BD, g_W_DF, g_b_F, None
+        order = flat_idx.argsort()   # group the (row, latent) pairs by latent: one bag of rows of x per encoder column
+        n_F = torch.bincount(flat_idx, minlength=W_enc_DF.shape[1])
+        g_W_FD = F.embedding_bag(order // idx_BK.shape[-1], x_BD, n_F.cumsum(0) - n_F, per_sample_weights=g_BK.reshape(-1)[order], mode="sum")
+        g_b_F = W_enc_DF.new_zeros(W_enc_DF.shape[1]).index_add_(0, flat_idx, g_BK.reshape(-1))
+        return g_x_BD, g_W_FD.T, g_b_F, None, None
 
 # %% ../../nbs/20_dict_sae.ipynb #80756458
 def synthetic_sparse_data(n: int, d_in: int = 64, n_features: int = 256, k: int = 4, noise: float = 0.01,

@@ -142,6 +142,16 @@ def _target(batch): return batch[-1] if isinstance(batch, (tuple, list)) else ba
 def _inputs(batch): return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 def _rows(batch, idx): return tuple(b[idx] for b in batch) if isinstance(batch, (tuple, list)) else batch[idx]
 
+def _activity(out) -> tuple:
+    """`(active entries, fired_F)` of a batch's code. From the sparse form when the model gives one; else codes are
+    non-negative, so a count of non-zeros and a max over rows stand in for a `[B, d_sae]` mask of `acts > 0`."""
+    if getattr(out, "top", None) is not None:
+        vals_BK, idx_BK = out.top
+        on_BK = vals_BK > 0
+        fired_F = torch.zeros(out.pre_acts.shape[-1], dtype=torch.bool, device=idx_BK.device).index_fill_(0, idx_BK[on_BK], True)
+        return on_BK.sum(), fired_F
+    return out.acts.count_nonzero(), out.acts.reshape(-1, out.acts.shape[-1]).amax(0) > 0
+
 DEAD_WINDOW_TOKENS = 10_000_000
 "the window of training tokens over which a latent that never fired counts as dead (the field's usual 10M)"
 
@@ -209,10 +219,10 @@ class Trainer:
                     out = self.fwd(*_inputs(part), **kw)
                 self.scaler.scale(out.loss * self.world).backward()   # DDP averages over ranks; slices add up
             with torch.no_grad():
-                active = out.acts > 0
+                n_active, fired = _activity(out)
                 sums += torch.stack([out.loss.detach(), out.recon.detach(), out.sparsity.detach(), out.aux.detach(),
-                                     active.sum().float()]).float()
-                fired_F = active.any(0) if fired_F is None else fired_F | active.any(0)
+                                     n_active.float()]).float()
+                fired_F = fired if fired_F is None else fired_F | fired
         if self.world > 1:
             fired_i = fired_F.int()
             dist.all_reduce(sums); dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
