@@ -143,12 +143,14 @@ def test_user_text_stays_text_in_every_page(finished, tmp_path):
 
 
 def test_a_full_disk_fails_in_one_line_and_keeps_the_finished_store(finished):
-    "Files past 200 kB cannot be written (RLIMIT_FSIZE: the write fails as on a full disk): --overwrite rebuilds beside, so nothing is lost."
+    """Files past 200 kB cannot be written (RLIMIT_FSIZE: the write fails as on a full disk): --overwrite rebuilds stores and
+    retrains SAEs beside the finished ones, so nothing is lost."""
     before = digests(finished)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
     try:
         one_clear_line("extract", "--run-dir", finished, "--overwrite", "--quiet", ("disk is full",))
+        one_clear_line("train", "--run-dir", finished, "--overwrite", "--quiet", ("disk is full",))   # fails at its first checkpoint
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert digests(finished) == before

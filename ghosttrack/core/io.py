@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 # %% auto #0
 __all__ = ['atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_tensors',
            'load_manifest', 'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite',
-           'remove_tree', 'beside', 'replace_tree', 'save_weights_folder', 'hub_offline', 'hub_problem']
+           'remove_tree', 'beside_path', 'beside', 'replace_tree', 'save_weights_folder', 'hub_offline', 'hub_problem']
 
 # %% ../../nbs/05_core_io.ipynb #ae96cb75
 @contextmanager
@@ -148,11 +148,15 @@ def remove_tree(path):
     import shutil
     shutil.rmtree(path, ignore_errors=True)
 
+def beside_path(dest) -> Path:
+    "Where `beside` builds the replacement of `dest`: `.<name>.new` next to it."
+    return Path(dest).with_name(f".{Path(dest).name}.new")
+
 def beside(dest) -> Path:
-    """A fresh, empty folder next to `dest` to build its replacement in (`.<name>.new`; a stale one from an interrupted
+    """A fresh, empty folder next to `dest` to build its replacement in (`beside_path`; a stale one from an interrupted
     rebuild is cleared). A crash between the two renames of `replace_tree` is undone first, so `dest` is never lost."""
     dest = Path(dest)
-    old, new = dest.with_name(f".{dest.name}.old"), dest.with_name(f".{dest.name}.new")
+    old, new = dest.with_name(f".{dest.name}.old"), beside_path(dest)
     if old.exists() and not dest.exists(): os.replace(old, dest)
     remove_tree(new)
     new.mkdir(parents=True)

@@ -22,7 +22,8 @@ from ..core.runlog import tqdm
 
 from ..core.config import PerfConfig, TrainConfig, config_to_dict
 from ..core.runlog import wandb_run
-from ..core.io import append_jsonl, load_json, load_tensors, read_jsonl, save_json, save_tensors, atomic_write_text, ArtifactExists, remove_tree
+from ..core.io import (append_jsonl, load_json, load_tensors, read_jsonl, save_json, save_tensors, atomic_write_text, ArtifactExists,
+                                beside, beside_path, remove_tree, replace_tree)
 from ..data.store import ActivationDataset
 from .sae import make_sae, save_sae
 
@@ -165,6 +166,12 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         self.main = self.rank == 0
         self.progress = progress and self.main
+        # retraining a finished artifact (--overwrite): train beside it and its checkpoints (`prepare_training` made that
+        # folder, with the new settings); `finish` swaps both in, so a failure keeps the finished artifact as it was
+        self.replaces = (self.out_dir, self.ckpt_dir) if (self.out_dir / "summary.json").exists() else None
+        if self.replaces is not None:
+            self.out_dir, self.ckpt_dir = beside_path(self.out_dir), beside_path(self.ckpt_dir)
+            if self.main: beside(self.replaces[0])
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and self.device.index is None and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -333,22 +340,33 @@ class Trainer:
                    **self.dead_latents()}
         if self.main:
             self.save_fn(self.model, self.out_dir, overwrite=True)
+            if (self.ckpt_dir / "settings.json").exists():   # what it was trained with, kept with it: reuse compares against it
+                save_json(load_json(self.ckpt_dir / "settings.json"), self.out_dir / "settings.json")
             save_json(summary, self.out_dir / "summary.json")
+            if self.replaces is not None:
+                for new, old in zip((self.out_dir, self.ckpt_dir), self.replaces):
+                    if new.exists(): replace_tree(new, old)
+                self.out_dir, self.ckpt_dir = self.replaces
         if self.run is not None: self.run.summary.update(summary); self.run.finish()
         return summary
 
     def fit(self) -> dict:
         "Train to `total_steps` (resuming if a checkpoint exists) and save; returns the summary."
-        self.start()
-        while self.step < self.total_steps:
-            batches = self.train_data.batches(self.epoch, start=self.start_batch)
-            epoch = self.epoch
-            for batch in prefetched(batches, self.perf.prefetch, self.device):
-                self.train_step(batch)
-                if self.step >= self.total_steps or self.epoch != epoch: break
-            if self.epoch == epoch: self.epoch += 1   # the data ran out before the epoch's last step
-            self.start_batch = 0
-        return self.finish()
+        try:
+            self.start()
+            while self.step < self.total_steps:
+                batches = self.train_data.batches(self.epoch, start=self.start_batch)
+                epoch = self.epoch
+                for batch in prefetched(batches, self.perf.prefetch, self.device):
+                    self.train_step(batch)
+                    if self.step >= self.total_steps or self.epoch != epoch: break
+                if self.epoch == epoch: self.epoch += 1   # the data ran out before the epoch's last step
+                self.start_batch = 0
+            return self.finish()
+        except BaseException:
+            if self.replaces is not None and self.main:   # a failed retraining: the old artifact and checkpoints stay
+                remove_tree(self.out_dir); remove_tree(self.ckpt_dir)
+            raise
 
 # %% ../../nbs/25_dict_trainer.ipynb #a78eb5d5
 def prepare_training(settings: dict, out_dir, ckpt_dir, overwrite: bool, what: str) -> dict | None:
@@ -357,12 +375,17 @@ def prepare_training(settings: dict, out_dir, ckpt_dir, overwrite: bool, what: s
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     settings = json.loads(json.dumps(settings))
     old = load_json(ckpt_dir / "settings.json") if (ckpt_dir / "settings.json").exists() else None
-    if (out_dir / "summary.json").exists() and not overwrite:
-        if old == settings:
+    finished = (out_dir / "summary.json").exists()
+    made = load_json(out_dir / "settings.json") if (out_dir / "settings.json").exists() else old   # what the finished one used
+    if finished and not overwrite:
+        if made == settings:
             log.info("%s: already trained, reusing %s", what, out_dir)
             return load_json(out_dir / "summary.json")
         raise ArtifactExists(f"{what} at {out_dir} is already finished (trained with other settings); pass --overwrite to retrain it")
-    if overwrite: remove_tree(out_dir); remove_tree(ckpt_dir)
+    if overwrite and finished:   # retrained beside the finished artifact and its checkpoints, swapped in by `Trainer.finish`
+        save_json(settings, beside(ckpt_dir) / "settings.json")
+        return None
+    if overwrite: remove_tree(out_dir); remove_tree(ckpt_dir)   # an unfinished training: dropped
     elif old is not None and old != settings:
         raise ArtifactExists(f"an unfinished {what} training at {ckpt_dir} used other settings; pass --overwrite to start over")
     save_json(settings, ckpt_dir / "settings.json")
