@@ -1,11 +1,14 @@
 """Attribution graphs end to end: on a tiny GPT-2 with a trained multi-layer CLT the replacement reproduces the clean
 logits, edges equal perturbation effects, ablations move the output the way the graph predicts, and
-`ghosttrack attribute` writes JSON/CSV/PNG/HTML (refusing to overwrite); the same exactness and the command on a
+`ghosttrack attribute` writes JSON/CSV/PNG/HTML and the viewer's feature files (their numbers checked against the CLT's
+own encoder on the store; refusing to overwrite), `ghosttrack serve-graphs` serves them over HTTP; the same exactness and the command on a
 pipeline run of the built-in Llama (SmolLM2) with its pairwise transcoder; on a tiny TSP policy with a trained
 transcoder — a `tsp-train` folder and a pipeline run folder (policy in `policy/`) — the command explains the policy's
 chosen action."""
 import csv
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +102,12 @@ def test_attribute_command_on_a_language_model_run(lm_run, capsys):
     assert len(nodes) == len(d["nodes"]) and int((A != 0).sum()) == len(d["links"]) > 0
     assert {n["feature_type"] for n in nodes} == {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
     assert sum(n["is_target_logit"] for n in nodes) == 1
-    assert any(n["clerp"].startswith("→ ") for n in nodes if n["feature_type"] == "cross layer transcoder")   # logit-lens labels
+    feats = [n for n in nodes if n["feature_type"] == "cross layer transcoder"]
+    # labels: the tokens a feature fires on most in the run's store, then the tokens its decoder promotes (logit lens)
+    assert feats and all(" → '" in n["clerp"] or n["clerp"].startswith("→ '") for n in feats), [n["clerp"] for n in feats]
+    assert any(n["clerp"].startswith("'") for n in feats)
+    assert_feature_files(run, d, feats)
+    assert f"{len({n['feature'] for n in feats})} feature files" in r.stdout
     info = d["metadata"]["info"]
     assert info["pruning"]["node_influence_kept"] >= 0.9 and info["pruning"]["edge_influence_kept"] >= 0.9, info["pruning"]
     assert 0 < info["scores"]["replacement_score"] <= 1 and info["top_paths"]
@@ -112,6 +120,93 @@ def test_attribute_command_on_a_language_model_run(lm_run, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["attribute", "--run-dir", str(run), "--prompt", "The tower is in the city of", "--overwrite", "--node-threshold", "0.5"]) == 0
     assert load_json(paths["json"])["metadata"]["node_threshold"] == 0.5
+
+
+def assert_feature_files(run, d, feats, rows=20_000):
+    """Every kept feature has its viewer file where the viewer looks, and its numbers are the CLT's own encoder on the
+    run's activation store: the top example is the largest activation, the firing rate is the share of non-zero rows."""
+    from ghosttrack.attribution.export import feature_path
+    from ghosttrack.data.store import ActivationStore, hook_dirname
+    clt = load_multilayer_clt(run / "clts" / "clt_all").eval()
+    stores = [ActivationStore(run / "activations" / hook_dirname(hp), verify=False) for hp in clt.cfg.sources]
+    x = torch.cat([torch.cat([s.shard(i) for i in range(len(s.shard_rows))])[:rows].float() for s in stores], 1)
+    with torch.no_grad(): acts = clt.encode(x)
+    for n in feats:
+        f = load_json(feature_path(run / "graphs", d, n))
+        layer, index = map(int, n["node_id"].split("_")[:2])
+        a = acts.view(len(x), clt.cfg.n_layers, -1)[:, layer, index]
+        top = f["examples_quantiles"][0]["examples"][0]
+        assert abs(top["tokens_acts_list"][top["train_token_ind"]] - float(a.max())) < 1e-4 * (1 + float(a.max()))
+        assert abs(f["act_max"] - float(a.max())) < 1e-4 * (1 + float(a.max()))
+        assert abs(f["activation_frequency"] - float((a > 0).float().mean())) < 1e-6
+        assert f["transcoder_id"] == "clt_all" and f["top_logits"] and len(f["quantile_values"]) == 100
+        assert abs(sum(f["histogram"]) - int((a > 0).sum())) < 1e-6
+
+
+def test_serve_graphs_serves_the_run_folder(lm_run):
+    "`ghosttrack serve-graphs RUN --port 0` in a subprocess: the index, a graph and a feature file over HTTP, then Ctrl-C."
+    import signal
+    import threading
+    import urllib.request
+    from ghosttrack.attribution.export import feature_path
+    from ghosttrack.attribution.run import attribute as attribute_run
+    run, *_ = lm_run
+    if not (run / "graphs" / "served.json").exists(): attribute_run(run, prompt="The city of", slug="served", node_threshold=0.99)
+    p = subprocess.Popen([sys.executable, "-m", "ghosttrack", "serve-graphs", str(run), "--port", "0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    watchdog = threading.Timer(120, p.kill)          # a server that never says it is up is killed, and the test fails
+    watchdog.start()
+    try:
+        out = ""
+        while "Ctrl-C" not in out and (line := p.stdout.readline()): out += line
+        assert "Ctrl-C" in out, f"serve-graphs did not start:\n{out}{p.stderr.read()}"
+        base = re.search(r"http://127\.0\.0\.1:\d+/", out)[0]
+        def get(path): return json.loads(urllib.request.urlopen(base + path, timeout=30).read())
+        index = get("data/graph-metadata.json")["graphs"]
+        assert "served" in [g["slug"] for g in index]
+        d = get("graph_data/served.json")
+        assert d == load_json(run / "graphs" / "served.json")
+        n = next(n for n in d["nodes"] if n["feature_type"] == "cross layer transcoder")
+        rel = feature_path(run / "graphs", d, n).relative_to(run / "graphs").as_posix()
+        assert get(f"graph_data/{rel}") == load_json(run / "graphs" / rel)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        watchdog.cancel()
+        if p.poll() is None: p.kill(); p.wait()
+        p.stdout.close(); p.stderr.close()
+    print("\n" + out)
+
+
+def test_sae_features_take_their_files_and_labels_from_interpret(tiny_model_dir, tmp_path):
+    """A run with SAEs on layers 0 and 1, `interpret` run for layer 1 only: layer 1's features get the interpretation's
+    examples and label, layer 0's are computed from the store; both where the viewer looks."""
+    from conftest import tiny_run
+    from ghosttrack.attribution.export import feature_json_from_interpretation, feature_path
+    from ghosttrack.attribution.run import attribute as attribute_run
+    from ghosttrack.interpret.features import load_features
+    from ghosttrack.interpret.run import interpret_run
+    torch.set_num_threads(1)
+    run = tiny_run(tiny_model_dir, tmp_path / "run", "0,1", 2000, 700)
+    interpret_run(run, layers="1", k=5, progress=False)
+    interp = load_features(run / "interpret" / "blocks.1.hook_resid_post" / "features.json")
+    by_id = {r["feature_id"]: r for r in interp["features"]}
+    r = attribute_run(run, prompt="def main(self):", node_threshold=1.0)
+    d = load_json(r["paths"]["json"])
+    feats = {L: [n for n in d["nodes"] if n["feature_type"] == "cross layer transcoder" and n["layer"] == L] for L in ("0", "1")}
+    assert feats["0"] and feats["1"] and d["metadata"]["scan"].startswith("custom-")
+    assert {n["dictionary"] for n in feats["1"]} == {d["metadata"]["transcoder_list"][1].rsplit("/", 1)[1]}
+    for n in feats["1"]:
+        rec = by_id[n["local_feature"]]
+        f = load_json(feature_path(run / "graphs", d, n))
+        assert f == json.loads(json.dumps(feature_json_from_interpretation(rec, interp["meta"], n["dictionary"], n["local_feature"])))
+        assert [e["tokens"] for e in f["examples_quantiles"][0]["examples"]] == [e["tokens"] for e in rec["top_examples"]]
+        assert n["clerp"] == " ".join(t for t, _ in rec["common_tokens"][:3])
+    for n in feats["0"]:
+        f = load_json(feature_path(run / "graphs", d, n))
+        top = f["examples_quantiles"][0]["examples"][0]
+        assert top["tokens_acts_list"][top["train_token_ind"]] == f["act_max"] > 0 and " → " in n["clerp"]
+    assert len(r["features"]) == len({(n["layer"], n["feature"]) for L in feats for n in feats[L]})
 
 
 def test_attribute_command_on_a_tsp_policy(tmp_path, capsys):
@@ -136,6 +231,7 @@ def test_attribute_command_on_a_tsp_policy(tmp_path, capsys):
     assert len(target) == 1 and target[0]["feature"] == chosen
     assert {n["feature_type"] for n in d["nodes"]} >= {"cross layer transcoder", "embedding", "logit"}
     assert all((run / "graphs" / f"instance-3-step-2.{e}").exists() for e in ("csv", "png", "html"))
+    assert list((run / "graphs" / "features" / "clt_L0_to_L1").glob("*.json"))      # examples from the folder's activations
     from ghosttrack.cli.main import main
     assert main(["attribute", "--run-dir", str(run), "--prompt", "hello"]) == 2
     assert "--instance" in capsys.readouterr().err
@@ -208,6 +304,8 @@ def test_attribute_on_a_tsp_pipeline_run(tmp_path):
     assert len(target) == 1 and target[0]["feature"] == chosen
     assert {n["feature_type"] for n in d["nodes"]} >= {"cross layer transcoder", "embedding", "logit"}
     assert all(r["paths"][e].exists() for e in ("csv", "png", "html"))
+    f = load_json(r["features"][0])                 # a city has no token: examples name input positions
+    assert f["examples_quantiles"][0]["examples"][0]["tokens"][0].startswith("#") and f["top_logits"] == []
     rm = ReplacementModel(policy, coords, load_clt(run / "clts" / "clt_L0_to_L1").eval(), step=1)
     with torch.no_grad():
         torch.testing.assert_close(rm.output_values(rm.forward("frozen")), rm.output_values(rm.forward("live")), atol=1e-4, rtol=1e-4)

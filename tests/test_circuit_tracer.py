@@ -1,8 +1,9 @@
 """Graphs written by `ghosttrack attribute` open in circuit-tracer: the JSON validates against circuit-tracer's own
 pydantic model (`circuit_tracer.frontend.graph_models.Model`), `graph-metadata.json` lists every graph of the folder
-in the form circuit-tracer's `add_graph_metadata` reads and writes, and the viewer's own JavaScript data path
-(`utilCg.formatData`, the label update `hClerpUpdateFn`, `util.cantorUnpair`, from the assets circuit-tracer ships)
-runs on the graph under node.
+in the form circuit-tracer's `add_graph_metadata` reads and writes, every feature file validates against its feature
+model (`circuit_tracer.frontend.feature_models.Model`), and the viewer's own JavaScript (`utilCg.formatData`, the label
+update `hClerpUpdateFn`, `util.cantorUnpair`, and `loadFeature` fetching every feature of a graph from `serve_graphs`,
+from the assets circuit-tracer ships) runs on the graphs under node.
 
 circuit-tracer pins its own dependency tree (transformers<=4.57.3, transformer-lens, nnsight, ...), so it lives in a
 separate interpreter: `.circuit-tracer-venv/` at the repository root, or set GHOSTTRACK_CIRCUIT_TRACER_PYTHON:
@@ -24,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ghosttrack.attribution.export import GRAPH_INDEX, cantor_pair, validate_graph_json  # noqa: E402
+from ghosttrack.attribution.export import GRAPH_INDEX, cantor_pair, feature_path, validate_graph_json, viewer_assets  # noqa: E402
 from ghosttrack.attribution.run import attribute  # noqa: E402
 from ghosttrack.core.config import TrainConfig  # noqa: E402
 from ghosttrack.core.io import load_json  # noqa: E402
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.skipif(
     not Path(CT_PYTHON).exists(), reason=f"no circuit-tracer interpreter at {CT_PYTHON}: create .circuit-tracer-venv "
                                          "or set GHOSTTRACK_CIRCUIT_TRACER_PYTHON (see this file's docstring)")
 PROMPTS = {"the-tower-is-in-the-city-of": "The tower is in the city of", "second": "She went to the market and bought"}
+SCAN = "./graph_data/features/clt_all"   # the viewer fetches a feature's file from <scan>/<feature>.json, under the graph folder
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def test_graphs_validate_in_circuit_tracer(graphs):
         d = load_json(graphs / f"{slug}.json")
         validate_graph_json(d)
         assert (r["nodes"], r["links"]) == (len(d["nodes"]), len(d["links"])) and r["links"] > 0
-        assert (r["scan"], r["transcoder_list"], r["sg_pos"]) == ("clt_all", ["clt_all"] * 3, "")
+        assert (r["scan"], r["transcoder_list"], r["sg_pos"]) == (SCAN, [SCAN] * 3, "")
     assert sorted(report["index"]) == sorted(PROMPTS)
     assert report["merged"][-1] == "theirs" and sorted(report["merged"][:-1]) == sorted(PROMPTS)
 
@@ -100,7 +102,7 @@ def test_graphs_validate_in_circuit_tracer(graphs):
 def test_graph_follows_circuit_tracer_conventions(graphs):
     d = load_json(graphs / "the-tower-is-in-the-city-of.json")
     m, nodes = d["metadata"], d["nodes"]
-    assert m["schema_version"] == 1 and m["scan"] == "clt_all" and m["prompt"] == PROMPTS["the-tower-is-in-the-city-of"]
+    assert m["schema_version"] == 1 and m["scan"] == SCAN and m["prompt"] == PROMPTS["the-tower-is-in-the-city-of"]
     assert "tiny" in m["info"]["model"]                                 # the model is in info, the dictionary set is the scan
     by = {t: [n for n in nodes if n["feature_type"] == t] for t in ("cross layer transcoder", "mlp reconstruction error", "embedding", "logit")}
     assert all(by.values()), {t: len(v) for t, v in by.items()}
@@ -121,12 +123,8 @@ def test_graph_follows_circuit_tracer_conventions(graphs):
     assert max(own) > 0 and "own_influence" in (graphs / "the-tower-is-in-the-city-of.html").read_text()
 
 
-# Runs under node: the viewer's util.js and util-cg.js (as shipped in circuit-tracer's assets) in a context with the
-# few browser globals and d3 functions that their data path uses; prints one JSON line.
-VIEWER = r"""
-const vm = require('vm'), fs = require('fs'), path = require('path')
-const [assets, graphPath] = process.argv.slice(2)
-const store = {}
+# The few d3 functions the viewer's data path uses (d3 itself comes from the web in the viewer's page).
+D3 = r"""
 const nan = v => v === undefined || v === null || Number.isNaN(v)
 const d3 = {
   max: (a, f = d => d) => a.reduce((m, d, i) => { const v = f(d, i); return nan(v) || (m !== undefined && m >= v) ? m : v }, undefined),
@@ -134,7 +132,17 @@ const d3 = {
   sort: (a, f) => Array.from(a).sort((x, y) => { const u = f(x), v = f(y); return nan(u) - nan(v) || (nan(u) ? 0 : u < v ? -1 : u > v ? 1 : 0) }),
   nestBy: (a, f) => { const m = new Map(); for (const d of a) { const k = f(d); if (!m.has(k)) m.set(k, Object.assign([], {key: k})); m.get(k).push(d) }
                        return [...m.values()] },
+  scaleSequential: () => ({domain() { return this }, clamp() { return this }}), interpolateOranges: null,
 }
+"""
+
+
+# Runs under node: the viewer's util.js and util-cg.js (as shipped in circuit-tracer's assets) in a context with the
+# few browser globals and d3 functions that their data path uses; prints one JSON line.
+VIEWER = D3 + r"""
+const vm = require('vm'), fs = require('fs'), path = require('path')
+const [assets, graphPath] = process.argv.slice(2)
+const store = {}
 const ctx = {d3, URL, URLSearchParams, console: {log() {}, error: console.error},
              location: 'http://localhost/index.html',
              history: {replaceState(_, __, url) { ctx.location = String(url) }},
@@ -181,7 +189,7 @@ def test_viewer_javascript_reads_the_graph(graphs, tmp_path):
     for node_id, (layer, index) in out["unpaired"]:
         assert node_id.split("_")[:2] == [str(layer), str(index)], (node_id, layer, index)   # the viewer's L/feature label
     assert out["all_features"] - 1 <= out["slider_features"] <= out["all_features"] and out["slider_features"] > 0
-    assert out["label"] == "a label by hand" and "local-clerp-clt_all" in out["storage"]
+    assert out["label"] == "a label by hand" and f"local-clerp-{SCAN}" in out["storage"]
     target = [n for n in d["nodes"] if n["is_target_logit"]][0]
     assert out["target"] == [round(target["token_prob"], 3)]        # the probability the viewer reads from the label
 
@@ -240,3 +248,98 @@ def test_pruning_and_scores_are_circuit_tracers(graphs, tiny_model_dir, tmp_path
     assert torch.equal(ours.edge_mask, masks["edge_mask"] & (A != 0))
     torch.testing.assert_close(ours.cumulative, masks["cumulative"], atol=1e-5, rtol=0)
     assert 0 < ours.stats["nodes"] < len(kinds) and 0 < ours.stats["edges"] < int((A != 0).sum())
+
+
+# Runs inside circuit-tracer's interpreter: every feature file under the graph folder against its pydantic feature
+# model, and a copy of one with a field removed, which the model must reject (the check can fail).
+FEATURES = r"""
+import json, sys
+from pathlib import Path
+from pydantic import ValidationError
+from circuit_tracer.frontend.feature_models import Model
+folder = Path(sys.argv[1])
+report = {"files": [], "errors": {}, "examples": 0}
+for p in sorted(folder.glob("features/*/*.json")):
+    report["files"].append(str(p.relative_to(folder)))
+    try: report["examples"] += sum(len(q.examples) for q in Model.model_validate(json.loads(p.read_text())).examples_quantiles)
+    except ValidationError as e: report["errors"][report["files"][-1]] = str(e)[:2000]
+broken = {k: v for k, v in json.loads((folder / report["files"][0]).read_text()).items() if k != "histogram"}
+try: Model.model_validate(broken); report["broken_rejected"] = False
+except ValidationError: report["broken_rejected"] = True
+print(json.dumps(report))
+"""
+
+
+def test_feature_files_validate_in_circuit_tracer(graphs):
+    report = in_circuit_tracer(FEATURES, graphs)
+    assert not report["errors"], report["errors"]
+    assert report["broken_rejected"]
+    wanted = {feature_path(graphs, d, n).relative_to(graphs).as_posix() for d in [load_json(graphs / f"{s}.json") for s in PROMPTS]
+              for n in d["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    print(f"\n{len(report['files'])} feature files, {report['examples']} examples: valid circuit-tracer feature models")
+    assert sorted(wanted) == report["files"] and report["examples"] >= len(wanted)
+
+
+# Runs under node: the viewer's util.js, util-cg.js and init-feature-examples.js in a context whose fetch goes to
+# `ghosttrack serve-graphs`' server; the graph picker's index, a graph, and every feature through the viewer's own
+# loadFeature with the scan the feature panel (init-cg-feature-detail.js) passes it. Prints one JSON line.
+FEATURE_VIEWER = D3 + r"""
+const vm = require('vm'), fs = require('fs'), path = require('path')
+const [assets, base, slug] = process.argv.slice(2)
+const chain = new Proxy(function () {}, {get: (t, k) => k === 'node' ? () => null : chain, apply: () => chain})   // a d3 selection that ignores everything
+const store = {}
+const ctx = {d3, URL, URLSearchParams, console: {log() {}, error: console.error}, location: base + 'index.html', isLocalServing: true,
+             fetch: (p, o) => fetch(new URL(p, base), o), history: {replaceState() {}},
+             localStorage: {getItem: k => k in store ? store[k] : null, setItem: (k, v) => { store[k] = String(v) }},
+             initFeatureExamplesLogits() {}, initFeatureExamplesList() {}}
+ctx.window = ctx
+vm.createContext(ctx)
+for (const f of ['util.js', 'attribution_graph/util-cg.js', 'feature_examples/init-feature-examples.js'])
+  vm.runInContext(fs.readFileSync(path.join(assets, f), 'utf8'), ctx, {filename: f})
+const {util, utilCg} = ctx
+;(async () => {
+  const {graphs} = await util.getFile('./data/graph-metadata.json', false)
+  const raw = await util.getFile(`./graph_data/${slug}.json`)
+  const data = await utilCg.formatData(structuredClone(raw), {pinnedIds: []})
+  const examples = ctx.initFeatureExamples({containerSel: chain})
+  const features = []
+  for (const d of data.nodes.filter(n => n.feature_type == 'cross layer transcoder')) {
+    const scan = data.metadata.scan?.startsWith('custom-') ? data.metadata.transcoder_list[d.layer] : data.metadata.scan
+    const f = await examples.loadFeature(scan, d.featureIndex)
+    features.push({node_id: d.node_id, featureIndex: f.featureIndex, index: f.index, examples: f.examples_quantiles[0].examples.length,
+                   act_max: f.act_max})
+  }
+  process.stdout.write(JSON.stringify({graphs: graphs.map(g => g.slug), nodes: raw.nodes.length, features}) + '\n')
+})().catch(e => { process.stderr.write(String(e && e.stack || e)); process.exit(1) })
+"""
+
+
+def test_viewer_loads_features_from_serve_graphs(graphs, tmp_path):
+    import threading
+    import urllib.request
+    from ghosttrack.attribution.export import serve_graphs
+    node = shutil.which("node")
+    if node is None: pytest.skip("node is not on the PATH: the viewer's JavaScript (loadFeature) was not run")
+    assets = viewer_assets(CT_PYTHON)
+    if assets is None: pytest.skip(f"the circuit-tracer of {CT_PYTHON} ships no viewer assets")
+    server = serve_graphs(graphs, port=0, assets="auto", python=CT_PYTHON)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert server.assets == assets
+        base = server.url.split("index.html")[0]
+        assert "isLocalServing = true" in urllib.request.urlopen(server.url, timeout=30).read().decode()   # circuit-tracer's page
+        (tmp_path / "features.js").write_text(FEATURE_VIEWER)
+        slug = "the-tower-is-in-the-city-of"
+        r = subprocess.run([node, str(tmp_path / "features.js"), str(assets), base, slug], capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown(); server.server_close()
+    assert r.returncode == 0, f"the viewer cannot load the graph's features from serve-graphs:\n{r.stderr[-4000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    d = load_json(graphs / f"{slug}.json")
+    feats = [n for n in d["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert sorted(out["graphs"]) == sorted(PROMPTS) and out["nodes"] == len(d["nodes"])
+    assert [f["node_id"] for f in out["features"]] == [n["node_id"] for n in feats] and feats
+    for f, n in zip(out["features"], feats):
+        assert f["featureIndex"] == n["feature"] and f["index"] == int(n["node_id"].split("_")[1]) and f["examples"] > 0
+        assert f["act_max"] == load_json(feature_path(graphs, d, n))["act_max"] > 0
+    print(f"\nthe viewer loaded {len(feats)} features of {slug} from serve-graphs")
