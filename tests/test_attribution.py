@@ -125,7 +125,7 @@ def test_attribute_command_on_a_language_model_run(lm_run, capsys):
 def assert_feature_files(run, d, feats, rows=20_000):
     """Every kept feature has its viewer file where the viewer looks, and its numbers are the CLT's own encoder on the
     run's activation store: the top example is the largest activation, the firing rate is the share of non-zero rows."""
-    from ghosttrack.attribution.export import feature_path
+    from ghosttrack.attribution.viewer import feature_path
     from ghosttrack.data.store import ActivationStore, hook_dirname
     clt = load_multilayer_clt(run / "clts" / "clt_all").eval()
     stores = [ActivationStore(run / "activations" / hook_dirname(hp), verify=False) for hp in clt.cfg.sources]
@@ -148,7 +148,7 @@ def test_serve_graphs_serves_the_run_folder(lm_run):
     import signal
     import threading
     import urllib.request
-    from ghosttrack.attribution.export import feature_path
+    from ghosttrack.attribution.viewer import feature_path
     from ghosttrack.attribution.run import attribute as attribute_run
     run, *_ = lm_run
     if not (run / "graphs" / "served.json").exists(): attribute_run(run, prompt="The city of", slug="served", node_threshold=0.99)
@@ -182,7 +182,7 @@ def test_sae_features_take_their_files_and_labels_from_interpret(tiny_model_dir,
     """A run with SAEs on layers 0 and 1, `interpret` run for layer 1 only: layer 1's features get the interpretation's
     examples and label, layer 0's are computed from the store; both where the viewer looks."""
     from conftest import tiny_run
-    from ghosttrack.attribution.export import feature_json_from_interpretation, feature_path
+    from ghosttrack.attribution.viewer import feature_json_from_interpretation, feature_path
     from ghosttrack.attribution.run import attribute as attribute_run
     from ghosttrack.interpret.features import load_features
     from ghosttrack.interpret.run import interpret_run

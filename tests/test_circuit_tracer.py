@@ -25,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ghosttrack.attribution.export import GRAPH_INDEX, cantor_pair, feature_path, validate_graph_json, viewer_assets  # noqa: E402
+from ghosttrack.attribution.export import GRAPH_INDEX, cantor_pair, validate_graph_json  # noqa: E402
+from ghosttrack.attribution.viewer import feature_path, viewer_assets  # noqa: E402
 from ghosttrack.attribution.run import attribute  # noqa: E402
 from ghosttrack.core.config import TrainConfig  # noqa: E402
 from ghosttrack.core.io import load_json  # noqa: E402
@@ -317,7 +318,7 @@ const {util, utilCg} = ctx
 def test_viewer_loads_features_from_serve_graphs(graphs, tmp_path):
     import threading
     import urllib.request
-    from ghosttrack.attribution.export import serve_graphs
+    from ghosttrack.attribution.viewer import serve_graphs
     node = shutil.which("node")
     if node is None: pytest.skip("node is not on the PATH: the viewer's JavaScript (loadFeature) was not run")
     assets = viewer_assets(CT_PYTHON)

@@ -6,17 +6,11 @@
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import html
-import http.server
-import importlib.util
 import json
 import logging
-import os
 import re
-import subprocess
-import urllib.parse
 from pathlib import Path
 import torch
 
@@ -28,10 +22,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'FEATURE_TYPES', 'GRAPH_DATA', 'GRAPH_SCHEMA', 'CSV_FIELDS', 'GRAPH_INDEX', 'INDEX_FIELDS', 'KIND_COLORS',
-           'VIEWER_FILES', 'cantor_pair', 'feature_scan', 'graph_to_json', 'validate_graph_json', 'load_graph_json',
-           'write_edges_csv', 'graph_index_entry', 'update_graph_index', 'save_graph_json', 'feature_path',
-           'feature_json', 'feature_json_from_interpretation', 'save_feature_files', 'draw_graph', 'graph_html',
-           'viewer_assets', 'GraphRequests', 'serve_graphs']
+           'cantor_pair', 'feature_scan', 'graph_to_json', 'validate_graph_json', 'load_graph_json', 'write_edges_csv',
+           'graph_index_entry', 'update_graph_index', 'save_graph_json', 'draw_graph', 'graph_html']
 
 # %% ../../nbs/62_attribution_export.ipynb #07b515f2
 def cantor_pair(x: int, y: int) -> int:
@@ -202,65 +194,6 @@ def save_graph_json(d: dict, path) -> Path:
     update_graph_index(path.parent, [graph_index_entry(d)])
     return path
 
-# %% ../../nbs/62_attribution_export.ipynb #2bd5fd3d
-def feature_path(folder, d: dict, node: dict) -> Path | None:
-    """Where the viewer fetches the examples of feature `node` of graph JSON `d` kept in `folder`: `<scan>/<feature>.json`,
-    the scan being `metadata.scan` (`transcoder_list[layer]` for a `custom-` scan); None when that scan is not in the folder."""
-    m = d["metadata"]
-    scan = m["transcoder_list"][int(node["layer"])] if m["scan"].startswith("custom-") else m["scan"]
-    if not scan.startswith(GRAPH_DATA) or ".." in scan.split("/"): return None
-    return Path(folder) / scan[len(GRAPH_DATA):] / f"{node['feature']}.json"
-
-def _quantiles(v: torch.Tensor, w: torch.Tensor, qs: torch.Tensor) -> list:
-    "The `qs` quantiles of values `v` counted `w` times each (the smallest value whose cumulative share reaches q)."
-    v, order = v.sort()
-    cum = w[order].cumsum(0) / w.sum()
-    return v[torch.searchsorted(cum, qs - 1e-9).clamp(max=len(v) - 1)].tolist()
-
-def feature_json(transcoder_id: str, index: int, examples: list, values=None, weights=None, frequency: float = 0.0,
-                 top_logits=(), bottom_logits=(), bins: int = 40) -> dict:
-    """The viewer's file of one feature: `examples` in the form `ghosttrack interpret` keeps them (`tokens`, `token_acts`,
-    `hit`, optionally `sequence`), best first; `values` its non-zero activations, counted `weights` times each (default
-    once), for the percentiles and the histogram; `frequency` the share of tokens it fires on."""
-    seen, ex = set(), []
-    for e in examples:
-        ex.append({"tokens": list(e["tokens"]), "tokens_acts_list": [float(a) for a in e["token_acts"]], "train_token_ind": int(e["hit"]),
-                   "is_repeated_datapoint": e.get("sequence") is not None and e["sequence"] in seen})
-        seen.add(e.get("sequence"))
-    v = torch.as_tensor([] if values is None else values, dtype=torch.float64).flatten()
-    w = torch.ones_like(v) if weights is None else torch.as_tensor(weights, dtype=torch.float64).flatten()
-    v, w = v[w > 0], w[w > 0]
-    top = max([float(v.max())] * (len(v) > 0) + [max(e["tokens_acts_list"], default=0.0) for e in ex], default=0.0)
-    act_max = top if top > 0 else 1.0
-    hist = torch.zeros(bins, dtype=torch.float64).index_add_(0, (v / act_max * bins).long().clamp(0, bins - 1), w)
-    return {"transcoder_id": transcoder_id, "index": int(index),
-            "examples_quantiles": [{"quantile_name": "Top activations", "examples": ex}] if ex else [],
-            "top_logits": [str(t) for t in top_logits], "bottom_logits": [str(t) for t in bottom_logits], "act_min": 0.0, "act_max": act_max,
-            "quantile_values": _quantiles(v, w, torch.arange(1, 101, dtype=torch.float64) / 100) if len(v) else [],
-            "histogram": hist.tolist(), "activation_frequency": float(frequency)}
-
-def feature_json_from_interpretation(rec: dict, meta: dict, transcoder_id: str, index: int) -> dict:
-    """`feature_json` of a record of `interpret/<hookpoint>/features.json` (`meta` its header's `meta`): its top examples,
-    promoted and suppressed tokens and frequency; percentiles and histogram from its log-binned histogram (bin centres)."""
-    e = torch.tensor(meta["histogram_edges"], dtype=torch.float64)
-    centres = torch.cat([e[:1], (e[1:] * e[:-1]).sqrt(), e[-1:]])
-    top = rec.get("top_activation") or 0.0
-    if top > 0: centres = centres.clamp(max=top)
-    return feature_json(transcoder_id, index, rec["top_examples"], centres, rec["histogram"], rec.get("frequency", 0.0),
-                        [t for t, _ in rec.get("promoted_tokens", [])], [t for t, _ in rec.get("suppressed_tokens", [])])
-
-def save_feature_files(folder, d: dict, records: dict) -> list[Path]:
-    """Write the feature file of every feature of graph JSON `d` (in `folder`) that `records` holds, keyed by
-    `(layer, index in the layer)` as in the node id, where the viewer fetches it (atomic writes); returns the paths."""
-    out = {}
-    for n in d["nodes"]:
-        if n["feature_type"] != "cross layer transcoder": continue
-        rec, path = records.get((int(n["layer"]), int(n["node_id"].split("_")[1]))), feature_path(folder, d, n)
-        if rec is None or path is None or path in out: continue
-        save_json(rec, path, indent=None)
-        out[path] = rec
-    return list(out)
-
 # %% ../../nbs/62_attribution_export.ipynb #78f27d20
 KIND_COLORS = {"cross layer transcoder": "#4c72b0", "mlp reconstruction error": "#999999", "embedding": "#55a868", "logit": "#dd8452"}
 
@@ -356,68 +289,3 @@ def graph_html(d: dict, path=None, width: int = 1000, height: int = 640) -> str:
     page = re.sub(r"__(TITLE|DATA|XY|COLORS|W|H)__", lambda m: values[m[1]], _HTML)   # one pass: a value's text is never a placeholder
     if path is not None: atomic_write_text(path, page)
     return page
-
-# %% ../../nbs/62_attribution_export.ipynb #1612580f
-VIEWER_FILES = ("index.html", "util.js", "attribution_graph/util-cg.js", "feature_examples/init-feature-examples.js")
-_FIND_CT = "import importlib.util as u; s = u.find_spec('circuit_tracer'); print(s.origin if s and s.origin else '')"
-
-def viewer_assets(python: str | None = None) -> Path | None:
-    """The folder of circuit-tracer's viewer (`circuit_tracer/frontend/assets`): from this interpreter, else from the
-    interpreter `python` (default `$GHOSTTRACK_CIRCUIT_TRACER_PYTHON`); None when neither has circuit-tracer."""
-    def assets(origin): return Path(origin).parent / "frontend" / "assets" if origin else None
-    spec = importlib.util.find_spec("circuit_tracer")
-    found = [assets(spec.origin if spec else None)]
-    python = python or os.environ.get("GHOSTTRACK_CIRCUIT_TRACER_PYTHON")
-    if python and not (found[0] and all((found[0] / f).exists() for f in VIEWER_FILES)):
-        try:
-            r = subprocess.run([python, "-c", _FIND_CT], capture_output=True, text=True, timeout=120)
-            found.append(assets(r.stdout.strip()) if r.returncode == 0 else None)
-        except (OSError, subprocess.TimeoutExpired) as e: log.warning("could not ask %s for circuit-tracer: %s", python, e)
-    return next((a for a in found if a and all((a / f).exists() for f in VIEWER_FILES)), None)
-
-class GraphRequests(http.server.SimpleHTTPRequestHandler):
-    "The viewer's requests: `/data/…` and `/graph_data/…` from the graph folder `folder`, the rest from `assets` (default: the folder)."
-    def __init__(self, *args, folder: Path, assets: Path | None, **kwargs):
-        self.folder = folder
-        super().__init__(*args, directory=str(assets or folder), **kwargs)
-
-    def log_message(self, fmt, *args): log.info("%s %s", self.address_string(), fmt % args)
-
-    def _data(self):
-        "The file of the graph folder a `/data/` or `/graph_data/` request names (False: a name that leaves the folder); None for other requests."
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        prefix = next((p for p in ("/data/", "/graph_data/") if path.startswith(p)), None)
-        if prefix is None: return None
-        parts = path[len(prefix):].split("/")
-        return False if any(p in ("", ".", "..") or "\\" in p for p in parts) else self.folder.joinpath(*parts)
-
-    def do_GET(self):
-        f = self._data()
-        if f is None: return super().do_GET()
-        if not f or not f.is_file(): return self.send_error(404, "not in the graph folder")
-        body = f.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-def serve_graphs(folder, port: int = 8032, assets="auto", python: str | None = None) -> http.server.ThreadingHTTPServer:
-    """An HTTP server on 127.0.0.1:`port` (0: a free port) for the graph folder `folder` with circuit-tracer's viewer
-    (`assets`: its folder, `"auto"` to find it with `viewer_assets(python)`, None: the data only). Run it with
-    `serve_forever()`, stop it with `shutdown()`; `.url` is the page to open, `.assets` the viewer used (or None)."""
-    folder = Path(folder).resolve()
-    if not (folder / GRAPH_INDEX).exists():
-        raise FileNotFoundError(f"{folder / GRAPH_INDEX} is missing: no graphs to serve; write some with "
-                                "`ghosttrack attribute --run-dir RUN --prompt TEXT`")
-    if assets == "auto": assets = viewer_assets(python)
-    assets = Path(assets) if assets else None
-    handler = functools.partial(GraphRequests, folder=folder, assets=assets)
-    try: server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot serve on 127.0.0.1:{port} ({e.strerror}); pass another --port, or 0 for a free one") from None
-    graphs = (load_json(folder / GRAPH_INDEX).get("graphs") or [{}])
-    host = f"http://127.0.0.1:{server.server_address[1]}/"
-    server.url = host + (f"index.html?slug={urllib.parse.quote(graphs[0].get('slug', ''))}" if assets else "")
-    server.assets, server.daemon_threads = assets, True
-    return server

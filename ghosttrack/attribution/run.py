@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from .export import (draw_graph, feature_json, feature_json_from_interpretation, graph_html, graph_to_json,
-                                           save_feature_files, save_graph_json, write_edges_csv)
+from .export import draw_graph, graph_html, graph_to_json, save_graph_json, write_edges_csv
+from .viewer import feature_json, feature_json_from_interpretation, save_feature_files
 from .graph import build_graph, describe_path, static_clt_graph, top_paths
 from .replacement import as_dictionary
 from ..core.io import load_json, check_overwrite, save_json

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dataclasses import asdict
 
-from ..attribution.export import serve_graphs
+from ..attribution.viewer import serve_graphs
 from ..attribution.run import AttributeOptions, attribute
 from .flags import add_command, options
 from ..interpret.run import InterpretOptions, interpret_run
