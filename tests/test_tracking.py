@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ghosttrack.tracking.answers import answer_and_label, close, label_answer
-from ghosttrack.tracking.hallucination import auroc, bootstrap_auroc, paired_bootstrap, split_by_question, subsample, truthfulqa_items
+from ghosttrack.tracking.hallucination import (DETECTORS, PAIRS, SPARSE_K, SPLITS, auroc, bootstrap_auroc, compare_detectors,
+                                              paired_bootstrap, split_by_question, subsample, truthfulqa_items)
 from ghosttrack.tracking.tracker import HypothesisTracker, LayerFeatures, answer_positions, select_features, track_statistics
 from ghosttrack.cli.analyses import add_track_commands
 
@@ -197,20 +198,62 @@ def test_track_truthfulqa_command(run_dir, capsys):
     args = _parser().parse_args(["track", "--run-dir", str(run_dir), "--truthfulqa", "--max-questions", "20", "--top-k", "6", "--quiet"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "tracker" in out and "logprob" in out and "probe" in out and out.count("(95% ") == 6 and "tracker-probe" in out
+    assert all(f"  {name} " in out for name in DETECTORS) and all(f"  {a}-{b} " in out for a, b in PAIRS)
+    assert out.count("(95% ") == len(DETECTORS) + len(PAIRS)
     rep = json.loads((run_dir / "tracking" / "auroc.json").read_text())
     with open(run_dir / "tracking" / "truthfulqa_scores.csv") as f: rows = list(csv.DictReader(f))
     assert len(rows) == 2 * sum(s["questions"] for s in rep["sizes"].values())
+    qs = {s: {r["question"] for r in rows if r["split"] == s} for s in SPLITS}
+    assert not (qs["train"] & qs["val"] or qs["train"] & qs["test"] or qs["val"] & qs["test"])
     test = [r for r in rows if r["split"] == "test"]
-    for name in ("tracker", "logprob", "probe"):
+    assert rep["detectors"] == list(DETECTORS)
+    for name in DETECTORS:
         assert rep[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
-    assert 0 <= rep["probe"]["layer"] <= 2
-    for name in ("tracker", "logprob", "probe"):
         lo, hi = rep[name]["test_auroc_ci"]
-        assert lo <= rep[name]["test_auroc"] <= hi
-    assert set(rep["paired"]) == {"tracker-logprob", "tracker-probe", "probe-logprob"}
-    assert rep["paired"]["tracker-probe"]["diff"] == pytest.approx(rep["tracker"]["test_auroc"] - rep["probe"]["test_auroc"])
+        assert lo <= rep[name]["test_auroc"] <= hi and 0 <= rep[name]["val_auroc"] <= 1
+    assert 0 <= rep["probe_all_layers"]["layer"] <= 2 and rep["probe_tracker_layers"]["layer"] in rep["sae_layers"]
+    assert rep["tracker"]["threshold"] == 0.5 and rep["sparse_probe"]["k"] in SPARSE_K
+    assert rep["tracks+probe"]["layer"] == rep["probe_all_layers"]["layer"]
+    assert rep["tracks+probe"]["threshold"] == rep["tracker_tuned"]["threshold"]
+    assert set(rep["paired"]) == {f"{a}-{b}" for a, b in PAIRS}
+    for a, b in PAIRS:
+        assert rep["paired"][f"{a}-{b}"]["diff"] == pytest.approx(rep[a]["test_auroc"] - rep[b]["test_auroc"])
     assert rep["bootstrap"]["unit"] == "question" and "own_answers" not in rep
+
+
+def _synthetic(n_questions=60, seed=0):
+    "Rows and arrays as `score_items` returns them, without a model: the label leaks weakly into every kind of feature."
+    rng = np.random.default_rng(seed)
+    qs = [f"q{i}" for i in range(n_questions)]
+    split_of = {q: s for s, idx in split_by_question(qs, seed).items() for q in (qs[i] for i in idx)}
+    rows, n = [], 2 * n_questions
+    for i in range(n):
+        q, label = qs[i // 2], i % 2
+        rows.append({"split": split_of[q], "question": q, "answer": ("No, never." if label == 0 and rng.random() < 0.5 else "Yes it is so."),
+                     "label": label, "mean_logprob": -1.0 - 0.3 * label + rng.normal(), "answer_tokens": int(rng.integers(2, 9))})
+    y = np.array([r["label"] for r in rows])
+    arrays = {"resid_NLD": torch.tensor(rng.normal(size=(n, 4, 8)) + 0.5 * y[:, None, None] * (np.arange(4) == 2)[None, :, None]),
+              "sae_NF": torch.tensor(np.abs(rng.normal(size=(n, 2 * 2 * 40))) + 0.8 * y[:, None] * (np.arange(160) == 7)),
+              "stats_NGS": rng.normal(size=(n, 3, 12)) + 0.3 * y[:, None, None], "thresholds": [0.3, 0.5, 0.7], "threshold": 0.5,
+              "sae_layers": [1, 3]}
+    return rows, arrays
+
+
+def test_every_choice_is_made_without_the_test_split():
+    "Flipping (or shuffling) the test labels changes no chosen hyperparameter, no validation AUROC and no selected feature."
+    rows, arrays = _synthetic()
+    base = compare_detectors([dict(r) for r in rows], arrays, n_boot=20)
+    rng = np.random.default_rng(3)
+    for change in (lambda r: 1 - r["label"], lambda r: int(rng.integers(0, 2))):
+        other = [r | {"label": change(r)} if r["split"] == "test" else dict(r) for r in rows]
+        if not 0 < sum(r["label"] for r in other if r["split"] == "test") < sum(r["split"] == "test" for r in other): continue
+        rep = compare_detectors(other, arrays, n_boot=20)
+        for name in DETECTORS:
+            assert {k: v for k, v in rep[name].items() if not k.startswith("test")} == \
+                   {k: v for k, v in base[name].items() if not k.startswith("test")}, name
+    assert base["probe_tracker_layers"]["layer"] in (1, 3) and base["probe_all_layers"]["layer"] == 2   # the informative block
+    assert base["sparse_probe"]["features"][0] == "L1 mean #7"                                            # column 7, chosen on train
+    assert base["tracker"]["threshold"] == 0.5 and base["tracker_tuned"]["threshold"] in (0.3, 0.5, 0.7)
 
 
 def test_own_answers_needs_truthfulqa(run_dir):
@@ -248,7 +291,7 @@ def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
     assert [int(g["label"]) for g in gens] == [g["label"] for g in made]
     with open(run / "tracking" / "own_answers_scores.csv") as f: rows = list(csv.DictReader(f))
     test = [r for r in rows if r["split"] == "test"]
-    for name in ("tracker", "logprob", "probe"):
+    for name in DETECTORS:
         assert own[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
     assert own["measure"] == "bleu" and own["n_samples"] == 2 and set(own["paired"]) == set(rep["paired"])
 

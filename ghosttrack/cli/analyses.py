@@ -13,6 +13,7 @@ from ..attribution.viewer import serve_graphs
 from ..attribution.run import AttributeOptions, attribute
 from .flags import add_command, options
 from ..interpret.run import InterpretOptions, interpret_run
+from ..tracking.hallucination import format_report
 from ..tracking.run import TrackOptions, track_prompt, track_truthfulqa
 
 # %% auto #0
@@ -97,8 +98,8 @@ def add_track_commands(subparsers) -> None:
     "Register `track` on an argparse subparsers object."
     p = add_command(subparsers, "track", track_command, "follow SAE features across layers as tracks; TruthfulQA hallucination detection",
                     "With --prompt: tracks of one prompt(+answer) to tracking/tracks.json and tracks.png. With --truthfulqa: the "
-                    "tracker, the answer log-prob and a residual probe compared on TruthfulQA, to tracking/truthfulqa_scores.csv "
-                    "and auroc.json.", TrackOptions, run=False, run_dir="run folder of `ghosttrack run` with one SAE per tracked layer",
+                    "tracker, the answer log-prob, a text-only baseline, residual probes and a sparse SAE probe compared on TruthfulQA, "
+                    "to tracking/truthfulqa_scores.csv and auroc.json.", TrackOptions, run=False, run_dir="run folder of `ghosttrack run` with one SAE per tracked layer",
                     overwrite="replace existing tracking outputs")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="text to track, e.g. \"Q: What is the capital of France?\\nA:\"")
@@ -119,12 +120,7 @@ def track_command(args) -> int:
         for task, r in [("reference answers", rep), ("the model's own answers", rep.get("own_answers"))]:
             if r is None: continue
             print(f"{task}:")
-            for name in ("tracker", "logprob", "probe"):
-                extra = f" (layer {r[name]['layer']})" if name == "probe" else ""
-                lo, hi = r[name]["test_auroc_ci"]
-                print(f"  {name:<8} test AUROC {r[name]['test_auroc']:.3f} (95% {lo:.3f}–{hi:.3f})  accuracy {r[name]['test_accuracy']:.3f}{extra}")
-            for pair, d in r.get("paired", {}).items():
-                print(f"  {pair:<16} AUROC difference {d['diff']:+.3f} (95% {d['ci'][0]:+.3f}–{d['ci'][1]:+.3f}), p = {d['p_value']:.3g}")
+            print(format_report(r))
         print(f"{sum(s['items'] for s in rep['sizes'].values())} answers in {rep['seconds']:.0f} s -> {Path(args.run_dir) / 'tracking'}")
         return 0
     res = track_prompt(args.run_dir, args.prompt, o.answer, **match)

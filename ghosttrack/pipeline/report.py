@@ -181,7 +181,7 @@ def _sections(g: dict) -> list:
         rows += [{"method": f"policy + {s['dictionary']}", "mean length": s["length_patched"], "gap %": 100 * s["gap"]} for s in t["spliced"]]
         out.append((f"TSP-{t['n']} optimality gaps ({t['instances']} test instances)", markdown_table(rows)))
     if g["tracking"]:
-        rows = [{"score": k, "test AUROC": g["tracking"][k]["test_auroc"]} for k in ("tracker", "logprob", "probe") if k in g["tracking"]]
+        rows = [{"score": k, "test AUROC": g["tracking"][k]["test_auroc"]} for k in g["tracking"].get("detectors", ("tracker", "logprob", "probe")) if k in g["tracking"]]
         out.append(("Hallucination tracking (TruthfulQA)", markdown_table(rows)))
     links = [f"- dashboard: [{p.parent.name}]({p.relative_to(g['run'])})" for p in g["dashboards"]]
     links += [f"- graph: [{p.stem}]({p.relative_to(g['run'])})" for p in g["graphs"]]

@@ -132,7 +132,7 @@ def run_summary(run_dir) -> str:
         lines.append(f"graph {slug}: {g['nodes_before']} nodes / {g['edges_before']} edges, pruned to {g['nodes']} / {g['links']}, "
                      f"replacement score {g['scores']['replacement_score']:.3f}")
     if t := rec("track"):
-        lines.append("TruthfulQA test AUROC: " + ", ".join(f"{k} {t[k]['test_auroc']:.3f}" for k in ("tracker", "logprob", "probe") if k in t))
+        lines.append("TruthfulQA test AUROC: " + ", ".join(f"{k} {t[k]['test_auroc']:.3f}" for k in t.get("detectors", ("tracker", "logprob", "probe")) if k in t))
     if (run / "report.html").exists(): lines.append(f"report: {run / 'report.html'}")
     lines.append(f"run folder: {run}")
     return "\n".join(l for l in lines if l)

@@ -155,7 +155,7 @@ def interpret_stage(cfg: RunConfig, overwrite: bool = False, progress: bool = Tr
     if cfg.tsp: raise ValueError("stage interpret: feature interpretation reads text; a TSP run has none")
     return interpret_run(cfg.run_path, cfg.extract.layers, overwrite=overwrite, progress=progress)
 
-@stage("track", "71_tracking_hallucination.ipynb", "TruthfulQA: tracker vs log-prob vs probe", needs=lambda cfg: ["train"])
+@stage("track", "71_tracking_hallucination.ipynb", "TruthfulQA: tracker vs log-prob, text, residual and SAE probes", needs=lambda cfg: ["train"])
 def track_stage(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict:
     "Score TruthfulQA answers for hallucination with the run's SAEs (and transcoders)."
     t = cfg.track

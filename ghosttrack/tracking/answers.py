@@ -153,8 +153,8 @@ def evaluate_own_answers(model, tokenizer, saes: dict, gens: list, tracker: Hypo
     "Score and compare the detectors on labelled generations (from `answer_and_label`); returns `(rows, report)`."
     t0 = time.time()
     items = [{k: g[k] for k in ("split", "question", "prompt", "answer", "label", "kind", "sample")} for g in gens]
-    rows, resid_NLD = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
-    report = compare_detectors(rows, resid_NLD, n_boot, seed)
+    rows, arrays = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
+    report = compare_detectors(rows, arrays, n_boot, seed)
     report.update(task="own answers", false_rate=float(np.mean([g["label"] for g in gens])), sae_layers=sorted(saes),
                   seconds=time.time() - t0)
     return rows, report

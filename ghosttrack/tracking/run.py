@@ -107,9 +107,9 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
                      threshold: float = 0.5, method: str = "hungarian", device: str | None = None, overwrite: bool = False,
                      progress: bool = True, own_answers: bool = False, n_samples: int = 4, max_new_tokens: int = 48,
                      primer: bool = True, measure: str = "bleu", bootstrap: int = 1000) -> dict:
-    """Tracker vs log-prob vs probe on TruthfulQA's reference answers; writes `tracking/truthfulqa_scores.csv`,
-    `tracking/calibration.png` and `tracking/auroc.json` (test AUROC with question-level bootstrap intervals and
-    paired tests). With `own_answers`, also on the model's own answers: `tracking/generations.csv` (answers and
+    """The `DETECTORS` of `compare_detectors` (tracker, log-prob, text, residual and sparse SAE probes) on TruthfulQA's
+    reference answers; writes `tracking/truthfulqa_scores.csv`, `tracking/calibration.png` and `tracking/auroc.json`
+    (test AUROC with question-level bootstrap intervals and paired tests). With `own_answers`, also on the model's own answers: `tracking/generations.csv` (answers and
     labels), `tracking/own_answers_scores.csv`, `tracking/own_answers_calibration.png` and the `own_answers` entry of
     `auroc.json`. Returns the contents of `auroc.json`."""
     out = Path(run_dir) / "tracking"
