@@ -122,7 +122,7 @@ def lm_metrics(runs, input_ids_BT: torch.Tensor, batch_size: int = 8, start: int
     if input_ids_BT.shape[1] - start - 1 <= 0 or len(input_ids_BT) == 0:
         raise ValueError(f"input_ids_BT {tuple(input_ids_BT.shape)} has no next-token predictions after position {start}; "
                          f"use rows of at least {start + 2} tokens")
-    device, per_row = None, {}
+    per_row = {}
     for ids_BT in input_ids_BT.split(batch_size):
         logp = runs(ids_BT)
         target_BT1 = ids_BT[:, start + 1:, None].to(logp["ce_clean"].device)
