@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 # %% auto #0
 __all__ = ['atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_tensors',
            'load_manifest', 'load_tensors', 'sha256_file', 'verify_sha256', 'ArtifactExists', 'check_overwrite',
-           'remove_tree', 'beside_path', 'beside', 'replace_tree', 'save_weights_folder', 'hub_offline', 'hub_problem']
+           'remove_tree', 'beside_path', 'beside', 'replace_tree', 'rebuilding', 'save_weights_folder', 'hub_offline',
+           'hub_problem']
 
 # %% ../../nbs/05_core_io.ipynb #ae96cb75
 @contextmanager
@@ -170,6 +171,20 @@ def replace_tree(new, dest):
     if dest.exists(): os.replace(dest, old)
     os.replace(new, dest)
     remove_tree(old)
+
+@contextmanager
+def rebuilding(dest, replace: bool = True):
+    """Yield the folder to build `dest` in. With `replace`: a fresh one beside it (`beside`), which takes the place of
+    `dest` when the block ends and is removed if the block fails, so the old `dest` stays as it was; else `dest` itself."""
+    if not replace:
+        yield Path(dest)
+        return
+    new = beside(dest)
+    try: yield new
+    except BaseException:
+        remove_tree(new)
+        raise
+    replace_tree(new, dest)
 
 # %% ../../nbs/05_core_io.ipynb #bf7748be
 def save_weights_folder(path, tensors: dict, cfg: dict, weights_name: str, overwrite: bool = False,

@@ -5,6 +5,7 @@
 # %% ../../nbs/14_data_store.ipynb #4f5112ed
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from ..core.runlog import tqdm
 import ghosttrack
 
-from ..core.io import ArtifactExists, beside, load_manifest, remove_tree, replace_tree, save_json, save_tensors, verify_sha256
+from ..core.io import ArtifactExists, load_manifest, rebuilding, save_json, save_tensors, verify_sha256
 from .corpus import TokenSource
 from .models import capture_activations, model_name, layer_hookpoints
 
@@ -161,37 +162,33 @@ def extract_activations(model, source, hookpoints, root, num_tokens: int, batch_
     tokens_in = not probe.is_floating_point() and probe.ndim == 2
     if skip_first is None: skip_first = 1 if tokens_in else 0
     d = {h: a.shape[-1] for h, a in capture_activations(model, probe.to(device), hookpoints, stop_early).items()}
-    # --overwrite builds each store beside the old one, which is replaced only once the new one is complete
-    build = {h: beside(f) if overwrite and f.exists() else f for h, f in folders.items()}
-    writers, model_id = {}, model_name(model)     # the identity reads the weights: once, not per hookpoint
-    for h, f in build.items():
-        head = _header(model_id, h, d[h], source, batch_size, shard_tokens, dtype, num_tokens, skip_first)
-        if (f / "manifest.json").exists():
-            old = load_manifest(f / "manifest.json")
-            _check_same(f, old, head, overwrite=False)
-            if old.get("complete"):
-                try: ActivationStore(f)                          # every shard checked against its sha256 before reuse
-                except (FileNotFoundError, ValueError) as e: raise ValueError(f"{e}; pass --overwrite to extract {h} again") from None
-                log.info("%s: already extracted (%d rows), reusing", h, old["num_tokens"]); continue
-        writers[h] = StoreWriter(f, head, shard_tokens)
-    if not writers: return folders
-    done = min(w.rows_done for w in writers.values())
-    for w in writers.values():
-        if w.rows_done > done: w.truncate(done)
-    stored_dtype = _dtype(dtype)
-    bar = tqdm(total=num_tokens, initial=done, unit="tok", unit_scale=True, desc="extract", disable=not progress or None, smoothing=0.1)
-    try: pos = _extract_loop(model, source, writers, batch_size, skip_first, tokens_in, done, num_tokens, stored_dtype, device,
-                             stop_early, bar)
-    except BaseException:
-        for w in writers.values(): w.abort()
+    with contextlib.ExitStack() as stack:   # --overwrite builds each store beside the old one, swapped in only once complete
+        build = {h: stack.enter_context(rebuilding(f, overwrite and f.exists())) for h, f in folders.items()}
+        writers, model_id = {}, model_name(model)     # the identity reads the weights: once, not per hookpoint
         for h, f in build.items():
-            if f != folders[h]: remove_tree(f)      # a failed rebuild: the old stores stay as they were
-        raise
-    bar.close()
-    if pos < num_tokens: log.warning("the input ran out after %d of %d requested tokens; the store holds %d rows", pos, num_tokens, pos)
-    for w in writers.values(): w.close()
-    for h, f in build.items():
-        if f != folders[h]: replace_tree(f, folders[h])
+            head = _header(model_id, h, d[h], source, batch_size, shard_tokens, dtype, num_tokens, skip_first)
+            if (f / "manifest.json").exists():
+                old = load_manifest(f / "manifest.json")
+                _check_same(f, old, head, overwrite=False)
+                if old.get("complete"):
+                    try: ActivationStore(f)                          # every shard checked against its sha256 before reuse
+                    except (FileNotFoundError, ValueError) as e: raise ValueError(f"{e}; pass --overwrite to extract {h} again") from None
+                    log.info("%s: already extracted (%d rows), reusing", h, old["num_tokens"]); continue
+            writers[h] = StoreWriter(f, head, shard_tokens)
+        if not writers: return folders
+        done = min(w.rows_done for w in writers.values())
+        for w in writers.values():
+            if w.rows_done > done: w.truncate(done)
+        stored_dtype = _dtype(dtype)
+        bar = tqdm(total=num_tokens, initial=done, unit="tok", unit_scale=True, desc="extract", disable=not progress or None, smoothing=0.1)
+        try: pos = _extract_loop(model, source, writers, batch_size, skip_first, tokens_in, done, num_tokens, stored_dtype, device,
+                                 stop_early, bar)
+        except BaseException:
+            for w in writers.values(): w.abort()
+            raise
+        bar.close()
+        if pos < num_tokens: log.warning("the input ran out after %d of %d requested tokens; the store holds %d rows", pos, num_tokens, pos)
+        for w in writers.values(): w.close()
     return folders
 
 def _describe(source) -> str:

@@ -19,7 +19,7 @@ from scipy.stats import ttest_rel
 from ..core.runlog import tqdm
 
 from ..core.config import ConfigError
-from ..core.io import (append_jsonl, atomic_path, beside, load_json, load_tensors, read_jsonl, remove_tree, replace_tree, save_json,
+from ..core.io import (append_jsonl, atomic_path, load_json, load_tensors, read_jsonl, rebuilding, save_json,
                                 save_tensors)
 from ..core.run_config import RunConfig, TSPTrainConfig
 from ..core.runlog import wandb_run
@@ -97,16 +97,16 @@ def _is_tsp_run(folder: Path) -> bool:
     except (OSError, ValueError): return False
     return isinstance(d, dict) and {"n", "epochs", "baseline"} <= set(d)
 
-def _replacement(run_dir: Path, overwrite: bool) -> Path:
-    """Where to train: `run_dir`, or with `overwrite` and a run there, a fresh folder beside it that replaces it once the
-    new run is finished (a failed retraining leaves the old run as it was). Only a tsp-train run is ever replaced."""
-    if not (overwrite and run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir())): return run_dir
+def _replaces(run_dir: Path, overwrite: bool) -> bool:
+    """True when `overwrite` asks to replace a run in `run_dir`: the new one is then trained beside it and takes its
+    place once finished (`rebuilding`; a failed retraining leaves the old run as it was). Only a tsp-train run is replaced."""
+    if not (overwrite and run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir())): return False
     if not _is_tsp_run(run_dir):
         raise ConfigError(f"--overwrite: {run_dir} is not a tsp-train run folder (no config.json of one), so it is not replaced; "
                           "pass a new or empty --run-dir")
-    return beside(run_dir)
+    return True
 
-def _open_run(cfg: TSPTrainConfig, run_dir: Path, overwrite: bool = False) -> bool:
+def _open_run(cfg: TSPTrainConfig, run_dir: Path) -> bool:
     "Prepare `run_dir`; True when it holds a finished run with the same settings (to reuse)."
     if (run_dir / "config.json").exists():
         free = ("device", "wandb_mode", "epochs")   # where it runs and how it logs may change, and it may run longer
@@ -158,13 +158,8 @@ def _t_test(cfg, candidate: np.ndarray, baseline: np.ndarray) -> tuple:
 def train_tsp(cfg: TSPTrainConfig, run_dir, overwrite: bool = False, progress: Optional[bool] = None) -> dict:
     "Train (or resume) a TSP policy in `run_dir`; returns the summary. `progress=None` shows bars on a terminal."
     target = Path(run_dir)
-    run_dir = _replacement(target, overwrite)
-    try: summary = _train_in(cfg, run_dir, target.name, progress)
-    except BaseException:
-        if run_dir != target: remove_tree(run_dir)   # a failed retraining: the old run stays as it was
-        raise
-    if run_dir != target: replace_tree(run_dir, target)
-    return summary
+    with rebuilding(target, _replaces(target, overwrite)) as folder:
+        return _train_in(cfg, folder, target.name, progress)
 
 def _train_in(cfg: TSPTrainConfig, run_dir: Path, name: str, progress: Optional[bool]) -> dict:
     "The training of `train_tsp`, in the folder `run_dir` (the run itself, or its replacement beside it)."
