@@ -106,9 +106,10 @@ def spliced_lm_metrics(model, sae, hookpoint: str, input_ids_BT: torch.Tensor, b
                        keep_bos: bool = True, resamples: int = 1000) -> dict:
     """Next-token CE clean / SAE-spliced / zero-ablated at `hookpoint`, the CE recovered with its 95% bootstrap interval
     over rows, and KL(clean ‖ spliced) and KL(clean ‖ ablated): the definitions of SAELens and SAEBench."""
-    recon, start = _reconstructor(sae), 1 if keep_bos else 0
+    recon, start, device = _reconstructor(sae), 1 if keep_bos else 0, next(model.parameters()).device
     def spliced(act_BTD): return torch.cat([act_BTD[:, :start], recon(act_BTD[:, start:])], dim=1)
     def runs(ids_BT):
+        ids_BT = ids_BT.to(device)
         run = lambda: _logits(forward(model, ids_BT))[:, start:-1].float().log_softmax(-1)
         logp = {"ce_clean": run()}
         with patch_hookpoint(model, hookpoint, spliced): logp["ce_spliced"] = run()
@@ -126,10 +127,10 @@ def lm_metrics(runs, input_ids_BT: torch.Tensor, batch_size: int = 8, start: int
     for ids_BT in input_ids_BT.split(batch_size):
         logp = runs(ids_BT)
         target_BT1 = ids_BT[:, start + 1:, None].to(logp["ce_clean"].device)
-        clean = logp["ce_clean"]
+        clean, p_clean = logp["ce_clean"], logp["ce_clean"].exp()
         sums = {k: -lp.gather(-1, target_BT1)[..., 0].sum(1) for k, lp in logp.items()}
-        sums["kl_div"] = (clean.exp() * (clean - logp["ce_spliced"])).sum((1, 2))
-        sums["kl_div_zero_ablation"] = (clean.exp() * (clean - logp["ce_zero_ablation"])).sum((1, 2))
+        sums["kl_div"] = (p_clean * (clean - logp["ce_spliced"])).sum((1, 2))
+        sums["kl_div_zero_ablation"] = (p_clean * (clean - logp["ce_zero_ablation"])).sum((1, 2))
         for k, v in sums.items(): per_row.setdefault(k, []).append(v.double().cpu())
     rows = {k: torch.cat(v) for k, v in per_row.items()}        # sums per row
     n = len(input_ids_BT) * (input_ids_BT.shape[1] - start - 1)
