@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ghosttrack.pipeline.bench import PEERS, peer_python, run_peer
+from ghosttrack.pipeline.bench import PEERS, peer_python, run_trainer
 
 PINS = dict(line.strip().split("==") for line in (Path(__file__).resolve().parents[1] / ".ci" / "peers.txt").read_text().splitlines() if line.strip())
 
@@ -21,24 +21,37 @@ def test_bench_drives_the_installed_peers(tmp_path):
     for key in ("machine", "config", "extraction", "stream_vs_disk", "scaling"): assert key in res
     assert res["machine"]["torch_threads"] == 1 and res["machine"]["torch"]
     assert len(res["scaling"]) == 3 and all(p["peak_mb"] > 0 for p in res["scaling"])
-    gt = res["train"]["ghosttrack"]
+    shape = res["train"][0]
+    runs, gt = shape["runs"], shape["runs"]["ghosttrack"]
     assert gt["status"] == "ok" and gt["tokens_per_second"] > 0 and 0 < gt["fvu"] < 1
     assert res["stream_vs_disk"]["disk_mean_fvu"] == pytest.approx(res["stream_vs_disk"]["stream_mean_fvu"], abs=0.05)
+    ran = []
     for peer in sorted(PEERS):
         py, why = peer_python(peer)
-        p = res["train"][peer]
         if py is None:
             if os.environ.get("GHOSTTRACK_STRICT_SKIPS"): pytest.fail(f"{peer} is missing under the README's test command: {why}")
-            assert p["status"] == "missing" and "tokens_per_second" not in p
+            for label in (peer, f"{peer} (own defaults)"): assert runs[label]["status"] == "missing" and "tokens_per_second" not in runs[label]
             continue
-        assert p["status"] == "ok", p
-        assert p["tokens_per_second"] > 0 and 0 < p["fvu"] < 1.5 and p["version"] == why
         if os.environ.get("GHOSTTRACK_STRICT_SKIPS"): assert why == PINS[PEERS[peer][3]], (peer, why, PINS)
-        assert p["ghosttrack_speed_ratio"] == pytest.approx(gt["tokens_per_second"] / p["tokens_per_second"])
-        assert f"{peer:<28}{why}" in out
+        for label in (peer, f"{peer} (own defaults)"):
+            p = runs[label]
+            assert p["status"] == "ok", (label, p)
+            assert p["tokens_per_second"] > 0 and 0 < p["fvu"] < 1.5 and p["version"] == why and p["peak_mb"] > 0
+            assert p["ghosttrack_speed_ratio"] == pytest.approx(gt["tokens_per_second"] / p["tokens_per_second"])
+            # the curve ends at the final FVU, measured by the peer's own forward on the held-out rows
+            assert [t for _, t, _ in p["curve"]] == [0, 2048, 4096] and p["curve"][-1][2] == pytest.approx(p["fvu"])
+            assert f"{label:<44}{why}" in out
+            ran.append(p)
+    if ran:   # the target is the best peer's final FVU, and that peer reaches it by its last measurement
+        assert shape["target_fvu"] == pytest.approx(min(p["fvu"] for p in ran))
+        assert any(p["seconds_to_target"] is not None and p["seconds_to_target"] <= p["curve"][-1][0] + 1e-9 for p in ran)
+        for recipe, t in shape["recipe_targets"].items():   # and per recipe, the best peer run of that recipe
+            assert t["target_fvu"] == pytest.approx(min(p["fvu"] for p in ran if p["recipe"] == recipe))
+            assert f"time to the {recipe} target" in out
+    assert (Path(tmp_path) / "bench.png").stat().st_size > 10_000
 
 
 def test_a_missing_peer_is_reported_as_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("GHOSTTRACK_SPARSIFY_PYTHON", str(tmp_path / "no-such-python"))
-    res = run_peer("sparsify", tmp_path / "acts.safetensors", {})
+    res = run_trainer("sparsify", tmp_path / "acts.safetensors", {})
     assert res["status"] == "missing" and "GHOSTTRACK_SPARSIFY_PYTHON" in res["why"]

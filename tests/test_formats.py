@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from ghosttrack.core.config import SAEConfig  # noqa: E402
 from ghosttrack.core.io import load_tensors, save_json, save_tensors  # noqa: E402
 from ghosttrack.dictionaries.clt import CLTConfig, make_clt, save_clt  # noqa: E402
+from ghosttrack.dictionaries.clt_multi import MultiLayerCLT, MultiLayerCLTConfig, save_multilayer_clt  # noqa: E402
 from ghosttrack.dictionaries.formats import convert, detect_layout, load_dictionaries, load_dictionary  # noqa: E402
 from ghosttrack.dictionaries.sae import make_sae, save_sae  # noqa: E402
 
@@ -288,6 +289,101 @@ def test_circuit_tracer_saved_set_loads_here_and_matches(tmp_path):
             _close(y, theirs[f"out_{layer}"], f"layer {layer} outputs")
 
 
+CT_CLT_LOAD = r"""
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+from circuit_tracer.transcoder.activation_functions import JumpReLU
+from circuit_tracer.utils.caching import load_transcoders_from_cache
+x = load_file(sys.argv[1])["x"]                      # [L, B, D]
+folder = Path(sys.argv[2])
+clt, config = load_transcoders_from_cache(folder.name, cache_dir=folder.parent, device=torch.device("cpu"))
+with torch.no_grad():
+    acts = clt.encode(x)
+    out = clt.decode(acts, x)
+save_file({"acts": acts, "out": out.contiguous()}, str(folder.parent / "ct_out.safetensors"))
+print(json.dumps(dict(type=type(clt).__name__, n_layers=clt.n_layers, skip=clt.W_skip is not None, input_hook=clt.feature_input_hook,
+                      output_hook=clt.feature_output_hook, jumprelu=isinstance(clt.activation_function, JumpReLU))))
+"""
+
+
+def _multilayer_clt(arch="jumprelu", skip=False, seed=0, n_layers=3):
+    cfg = MultiLayerCLTConfig(architecture=arch, k=6, skip=skip, normalize="standardize", n_layers=n_layers, d_in=32, d_out=32,
+                              d_sae=n_layers * 64, sources=[f"blocks.{l}.hook_resid_mid" for l in range(n_layers)],
+                              targets=[f"blocks.{l}.hook_mlp_out" for l in range(n_layers)], model_name="gpt2@test")
+    return _randomised(MultiLayerCLT(cfg), seed, threshold=lambda g, shape: 0.4 * torch.rand(shape, generator=g) - 0.1)
+
+
+@needs_ct
+def test_ghosttrack_multilayer_clt_to_circuit_tracer_and_back(tmp_path):
+    "A JumpReLU multi-layer CLT (standardised, thresholds partly negative) is circuit-tracer's cross_layer_transcoder, exactly."
+    ours = _multilayer_clt()
+    save_multilayer_clt(ours, tmp_path / "multi")
+    x_BLD = _x(256, 3 * 32).view(256, 3, 32)
+    save_tensors({"x": x_BLD.transpose(0, 1).contiguous()}, tmp_path / "x.safetensors")
+    convert(tmp_path / "multi", tmp_path / "ct" / "clt", "circuit-tracer")
+    assert detect_layout(tmp_path / "ct" / "clt") == "circuit-tracer"
+    report = in_peer(CT_PYTHON, CT_CLT_LOAD, tmp_path / "x.safetensors", tmp_path / "ct" / "clt")
+    assert report == dict(type="CrossLayerTranscoder", n_layers=3, skip=False, input_hook="hook_resid_mid", output_hook="mlp.hook_out",
+                          jumprelu=True)
+    theirs = load_tensors(tmp_path / "ct" / "ct_out.safetensors")
+    with torch.no_grad():
+        acts = ours.encode(x_BLD.flatten(1)).view(256, 3, -1).transpose(0, 1)
+        y = ours.predict(x_BLD.flatten(1)).view(256, 3, -1).transpose(0, 1)
+    assert torch.equal(acts > 0, theirs["acts"] > 0), "circuit-tracer activates other features"
+    diffs = {"codes": _close(acts, theirs["acts"], "codes"), "outputs": _close(y, theirs["out"], "outputs")}
+    back = load_dictionary(tmp_path / "ct" / "clt")
+    assert isinstance(back, MultiLayerCLT) and (back.cfg.sources, back.cfg.targets) == (ours.cfg.sources, ours.cfg.targets)
+    with torch.no_grad():
+        diffs["read back: codes"] = _close(back.encode(x_BLD.flatten(1)), ours.encode(x_BLD.flatten(1)), "read back: codes")
+        diffs["read back: outputs"] = _close(back.predict(x_BLD.flatten(1)), ours.predict(x_BLD.flatten(1)), "read back: outputs")
+    print(f"multi-layer CLT vs circuit-tracer, max abs diff: {diffs}")
+
+
+CT_CLT_SAVE = r"""
+import json, sys, torch, yaml
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+x = load_file(sys.argv[1])["x"]                      # [L, B, D]
+folder = Path(sys.argv[2])
+torch.manual_seed(0)
+out = {}
+for act in ("jump_relu", "relu"):
+    clt = CrossLayerTranscoder(3, 48, 32, activation_function=act, lazy_decoder=False, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in clt.named_parameters(): p.copy_(torch.rand_like(p) * 0.3 if "threshold" in name else torch.randn_like(p) * 0.3)
+        acts = clt.encode(x)
+        out[f"acts_{act}"], out[f"out_{act}"] = acts, clt.decode(acts)
+    clt.to_safetensors(str(folder / act))
+    (folder / act / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid",
+                                                              "feature_output_hook": "hook_mlp_out"}))
+save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "ct_out.safetensors"))
+print(json.dumps(sorted(p.name for p in (folder / "relu").iterdir())))
+"""
+
+
+@needs_ct
+def test_circuit_tracer_saved_clt_loads_here_and_matches(tmp_path):
+    x_LBD = _x(3 * 256, 32).view(3, 256, 32)
+    save_tensors({"x": x_LBD}, tmp_path / "x.safetensors")
+    files = in_peer(CT_PYTHON, CT_CLT_SAVE, tmp_path / "x.safetensors", tmp_path)
+    assert files == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors", "W_enc_0.safetensors", "W_enc_1.safetensors",
+                     "W_enc_2.safetensors", "config.yaml"]
+    theirs = load_tensors(tmp_path / "ct_out.safetensors")
+    for act in ("jump_relu", "relu"):
+        convert(tmp_path / act, tmp_path / "ghosttrack" / act, "ghosttrack")
+        for d in (load_dictionary(tmp_path / act), load_dictionary(tmp_path / "ghosttrack" / act)):
+            assert isinstance(d, MultiLayerCLT) and d.cfg.targets == [f"blocks.{l}.hook_mlp_out" for l in range(3)]
+            x = x_LBD.transpose(0, 1).flatten(1)
+            with torch.no_grad():
+                acts = d.encode(x).view(256, 3, -1).transpose(0, 1)
+                y = d.predict(x).view(256, 3, -1).transpose(0, 1)
+            assert torch.equal(acts > 0, theirs[f"acts_{act}"] > 0), f"{act}: ghosttrack activates other features"
+            _close(acts, theirs[f"acts_{act}"], f"{act} codes")
+            _close(y, theirs[f"out_{act}"], f"{act} outputs")
+
+
 # --- SAELens ----------------------------------------------------------------------------------------------------------
 
 SAELENS_LOAD = r"""
@@ -360,6 +456,8 @@ def sources(tmp_path_factory):
     (tmp / "notes").mkdir()
     (tmp / "notes" / "readme.txt").write_text("no dictionary here")
     save_json({"hello": 1}, tmp / "odd" / "cfg.json")
+    save_multilayer_clt(_multilayer_clt("topk"), tmp / "multi_topk")
+    save_multilayer_clt(_multilayer_clt(skip=True), tmp / "multi_skip")
     (tmp / "exists").mkdir()
     (tmp / "exists" / "keep.txt").write_text("mine")
     return tmp
@@ -375,6 +473,8 @@ BAD = {  # case: (SRC, --to, fragments of the one error line)
     "topk transcoder to circuit-tracer": ("topk_clt", "circuit-tracer", ["topk transcoder has no circuit-tracer counterpart"]),
     "transcoder to SAELens": ("topk_clt", "saelens", ["no SAELens layout"]),
     "SAE to circuit-tracer": ("topk_sae", "circuit-tracer", ["transcoder_set holds pairwise transcoders"]),
+    "topk multi-layer CLT to circuit-tracer": ("multi_topk", "circuit-tracer", ["topk multi-layer CLT has no circuit-tracer counterpart"]),
+    "multi-layer CLT with a skip to circuit-tracer": ("multi_skip", "circuit-tracer", ["files hold no W_skip"]),
 }
 
 
@@ -426,3 +526,37 @@ def test_attribute_reads_a_circuit_tracer_transcoder_set(tiny_model_dir, tmp_pat
     assert [n["node_id"] for n in ours["nodes"]] == [n["node_id"] for n in theirs["nodes"]]
     for a, b in zip(ours["links"], theirs["links"]):
         assert (a["source"], a["target"]) == (b["source"], b["target"]) and abs(a["weight"] - b["weight"]) <= 1e-4 * (1 + abs(a["weight"]))
+
+
+def test_evaluate_measures_a_dictionary_from_elsewhere_as_the_runs_own(tiny_model_dir, tmp_path):
+    "The run's SAE in sparsify's layout, given to `evaluate --dictionary`, scores what the run's own evaluation recorded."
+    from conftest import one_clear_line, tiny_run
+    from ghosttrack.cli.main import main
+    run, hp = tiny_run(tiny_model_dir, tmp_path / "run", "0,1", 2000, 700), "blocks.1.hook_resid_post"
+    assert main(["evaluate", "--run-dir", str(run), "--eval-rows", "8", "--quiet"]) == 0            # the run's own
+    own, lm = (json.loads((run / "saes" / hp / f).read_text()) for f in ("summary.json", "lm_eval.json"))
+    convert(run / "saes" / hp, tmp_path / "elsewhere" / "h.1", "sparsify")
+    assert main(["evaluate", "--run-dir", str(run), "--eval-rows", "8", "--quiet", "--dictionary", str(tmp_path / "elsewhere" / "h.1")]) == 0
+    out = run / "evaluate" / "external" / "h.1" / "eval.json"
+    rec = json.loads(out.read_text())
+    assert (rec["dictionary"], rec["layout"]) == (str((tmp_path / "elsewhere" / "h.1").resolve()), "sparsify")
+    m = rec["results"]["h.1"]
+    assert (m["hookpoint"], m["eval_rows"], lm["eval_rows"]) == (hp, 8, 8)
+    refs = {"fvu": own["val_fvu"], "mse": own["val_mse"], "l0": own["val_l0"], "dead_fraction": own["val_dead_frac"],
+            **{k: lm[k] for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_recovered", "kl_div", "kl_div_score")}}
+    diffs = {k: abs(m[k] - ref) for k, ref in refs.items()}
+    print(f"evaluate --dictionary (sparsify layout) vs the run's own evaluation, max abs diff: {diffs}")
+    for k, ref in refs.items(): assert diffs[k] <= 1e-5 * max(1.0, abs(ref)), (k, m[k], ref)
+    assert json.loads((run / "saes" / hp / "lm_eval.json").read_text()) == lm, "the run's own evaluation was rewritten"
+    stamp = out.stat().st_mtime_ns
+    one_clear_line("evaluate", "--run-dir", run, "--dictionary", tmp_path / "elsewhere" / "h.1", ("already finished", "--overwrite"))
+    save_clt(make_clt(CLTConfig(architecture="topk", k=4, d_in=128, d_out=128, d_sae=64, source="blocks.0.ln2.hook_normalized",
+                                target="blocks.0.hook_mlp_out")), tmp_path / "transcoder")
+    save_sae(make_sae(SAEConfig(architecture="topk", k=4, d_in=128, d_sae=64, hook_name="blocks.2.hook_resid_post")), tmp_path / "layer2")
+    (tmp_path / "notes").mkdir()
+    for bad, fragment in [("nowhere", "does not exist"), ("notes", "no dictionary here"), ("transcoder", "is a transcoder"),
+                          ("layer2", "no activation store")]:
+        one_clear_line("evaluate", "--run-dir", run, "--overwrite", "--dictionary", tmp_path / "elsewhere" / "h.1",
+                       "--dictionary", tmp_path / bad, (fragment,))
+        assert sorted(p.name for p in (run / "evaluate" / "external").iterdir()) == ["h.1"] and out.stat().st_mtime_ns == stamp, \
+            f"{bad}: a refused evaluation wrote something"

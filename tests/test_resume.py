@@ -33,7 +33,7 @@ def store(tmp_path_factory):
                                shard_tokens=100, progress=False)[HP]
 
 
-def train(store, run, stop_after=None, arch="topk"):
+def train(store, run, stop_after=None, arch="topk", optimizer="adamw"):
     "Train; with `stop_after`, stop dead right after that step (the checkpoint of a step is written within it)."
     step = trainer_mod.Trainer.train_step
     def stopping(self, batch):
@@ -42,7 +42,8 @@ def train(store, run, stop_after=None, arch="topk"):
     trainer_mod.Trainer.train_step = stopping
     try:
         return train_sae(store, SAEConfig(expansion_factor=2, k=4, architecture=arch),
-                         TrainConfig(batch_size=48, num_epochs=2, lr=3e-3, checkpoint_every=3, log_every=1, wandb_mode="disabled"),
+                         TrainConfig(batch_size=48, num_epochs=2, lr=3e-3, checkpoint_every=3, log_every=1, wandb_mode="disabled",
+                                     optimizer=optimizer),
                          run / "sae", run / "ckpt", progress=False)
     finally:
         trainer_mod.Trainer.train_step = step
@@ -52,21 +53,21 @@ def history(run):
     return [(r["step"], r["loss"]) for r in map(json.loads, (run / "sae" / "history.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
-def test_stopped_after_any_step_resumes_to_the_same_weights(store, tmp_path, arch):
+@pytest.mark.parametrize("arch,optimizer", [("topk", "adamw"), ("jumprelu", "adamw"), ("topk", "adamw-schedulefree")])
+def test_stopped_after_any_step_resumes_to_the_same_weights(store, tmp_path, arch, optimizer):
     data = ActivationDataset(store, 48)
     groups = [sum(data.ranges[i][1] - data.ranges[i][0] for i in range(g, min(g + 4, len(data.ranges)))) for g in range(0, len(data.ranges), 4)]
     assert any(n % 48 for n in groups), "the shard groups must end mid-batch for this test to cover that case"
-    ref = train(store, tmp_path / "ref", arch=arch)
+    ref = train(store, tmp_path / "ref", arch=arch, optimizer=optimizer)
     total = ref["steps"]
     assert total == 2 * len(data) >= 40
     want = load_sae(tmp_path / "ref" / "sae").state_dict()
     for s in range(1, total):
         run = tmp_path / f"stop{s}"
         with pytest.raises(Stopped):
-            train(store, run, stop_after=s, arch=arch)
+            train(store, run, stop_after=s, arch=arch, optimizer=optimizer)
         assert not (run / "sae" / "summary.json").exists()
-        got = train(store, run, arch=arch)
+        got = train(store, run, arch=arch, optimizer=optimizer)
         assert got["steps"] == total
         sae = load_sae(run / "sae").state_dict()
         for k, v in want.items():

@@ -219,6 +219,62 @@ def test_track_truthfulqa_command(run_dir, capsys):
     for a, b in PAIRS:
         assert rep["paired"][f"{a}-{b}"]["diff"] == pytest.approx(rep[a]["test_auroc"] - rep[b]["test_auroc"])
     assert rep["bootstrap"]["unit"] == "question" and "own_answers" not in rep
+    assert "why tracker_tuned, sparse_probe, tracks+probe flag their 5 most suspect test answers" in out
+    _check_explanations(run_dir, rows, rep)
+
+
+def _check_explanations(run_dir, rows, rep):
+    "Each flagged answer's terms add up to the logit its detector gave it; the latents named are features of the run's SAEs."
+    from ghosttrack.tracking.explain import EXPLAINED
+    from ghosttrack.tracking.run import load_run
+    expl = json.loads((run_dir / "tracking" / "explanations.json").read_text())
+    assert [(e["detector"], e["rank"]) for e in expl] == [(d, r) for d in EXPLAINED for r in range(1, 6)]
+    by_answer = {(r["question"], r["answer"]): r for r in rows}
+    for e in expl:
+        r = by_answer[e["question"], e["answer"]]
+        p = float(r[f"p_{e['detector']}"])
+        assert r["split"] == "test" and int(r["label"]) == e["label"]
+        total = e["offset"] + e["rest"] + sum(c["contribution"] for c in e["contributions"])
+        assert total == pytest.approx(np.log(p / (1 - p)), abs=1e-6)
+        assert e["tracks"] and all(t["label"] for t in e["tracks"])
+    _, _, saes = load_run(run_dir)
+    latents = [c for e in expl if e["detector"] == "sparse_probe" for c in e["contributions"]]
+    assert latents and all(0 <= c["feature"] < saes[c["layer"]].W_dec_FD.shape[0] and c["label"] for c in latents)
+    assert [e["p"] for e in expl if e["detector"] == "tracker_tuned"][0] == pytest.approx(
+        max(float(r["p_tracker_tuned"]) for r in rows if r["split"] == "test"))
+    assert (run_dir / "tracking" / "explanations.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run_dir / "tracking" / "explanations.md").read_text()
+    assert md.count("| **logit** |") == len(expl) and rep["explanations"]["md"] == str(run_dir / "tracking" / "explanations.md")
+
+
+def test_track_reads_dictionaries_in_another_layout(run_dir, tmp_path, capsys):
+    "The run's SAEs converted to sparsify's layout, as if trained there, give the same tracks with --dictionary."
+    import shutil
+    from ghosttrack.dictionaries.formats import convert
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("tracking"))
+    convert(run / "saes", tmp_path / "sparsify", "sparsify")
+    shutil.rmtree(run / "saes")                  # nothing of the run's own SAEs can be read by mistake
+    shutil.copytree(run_dir / "saes", tmp_path / "own")
+    argv = ["track", "--run-dir", str(run), "--prompt", "Q: Where is Paris?\nA:", "--answer", " France", "--top-k", "6", "--overwrite"]
+    docs = {}
+    for name in ("own", "sparsify"):
+        args = _parser().parse_args(argv + ["--dictionary", str(tmp_path / name)])
+        assert args.func(args) == 0
+        docs[name] = json.loads((run / "tracking" / "tracks.json").read_text())
+    assert docs["own"]["layers"] == [0, 1, 2] and len(docs["own"]["tracks"]) > 0
+    strip = lambda d: [{l: f["feature"] for l, f in t["features"].items()} | {"birth": t["birth_layer"], "death": t["death_layer"]}
+                       for t in d["tracks"]]
+    assert strip(docs["sparsify"]) == strip(docs["own"])
+    for a, b in zip(docs["sparsify"]["tracks"], docs["own"]["tracks"]):
+        assert [f["activation"] for f in a["features"].values()] == pytest.approx([f["activation"] for f in b["features"].values()], rel=1e-5)
+    assert docs["sparsify"]["statistics"] == pytest.approx(docs["own"]["statistics"], rel=1e-5)
+    args = _parser().parse_args(argv + ["--dictionary", str(tmp_path / "sparsify"), "--layers", "0,2"])
+    assert args.func(args) == 0
+    assert json.loads((run / "tracking" / "tracks.json").read_text())["layers"] == [0, 2]
+    args = _parser().parse_args(argv + ["--dictionary", str(tmp_path / "sparsify"), "--layers", "0,5"])
+    with pytest.raises(FileNotFoundError, match=r"no SAE for layers \[5\]"):
+        args.func(args)
 
 
 def _synthetic(n_questions=60, seed=0):

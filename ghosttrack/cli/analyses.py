@@ -99,7 +99,8 @@ def add_track_commands(subparsers) -> None:
     p = add_command(subparsers, "track", track_command, "follow SAE features across layers as tracks; TruthfulQA hallucination detection",
                     "With --prompt: tracks of one prompt(+answer) to tracking/tracks.json and tracks.png. With --truthfulqa: the "
                     "tracker, the answer log-prob, a text-only baseline, residual probes and a sparse SAE probe compared on TruthfulQA, "
-                    "to tracking/truthfulqa_scores.csv and auroc.json.", TrackOptions, run=False, run_dir="run folder of `ghosttrack run` with one SAE per tracked layer",
+                    "to tracking/truthfulqa_scores.csv and auroc.json, and why the tracks-based detectors flag the answers they flag "
+                    "most, to tracking/explanations.json, .md and .png. --dictionary tracks SAEs trained elsewhere.", TrackOptions, run=False, run_dir="run folder of `ghosttrack run` with one SAE per tracked layer",
                     overwrite="replace existing tracking outputs")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="text to track, e.g. \"Q: What is the capital of France?\\nA:\"")
@@ -110,17 +111,21 @@ def track_command(args) -> int:
     o = options(args, TrackOptions)
     if args.prompt is None and o.answer is not None:
         raise ValueError("--answer goes with --prompt; TruthfulQA supplies its own answers")
-    match = dict(layers=o.layers, top_k=o.top_k, threshold=o.threshold, method=o.method, device=args.device, overwrite=args.overwrite)
+    match = dict(layers=o.layers, top_k=o.top_k, threshold=o.threshold, method=o.method, device=args.device, overwrite=args.overwrite,
+                 dictionaries=o.dictionaries)
     if o.own_answers and not args.truthfulqa:
         raise ValueError("--own-answers goes with --truthfulqa: the model answers TruthfulQA's questions")
     if args.truthfulqa:
         rep = track_truthfulqa(args.run_dir, o.truthfulqa_path, o.max_questions, o.seed, **match, progress=not args.quiet,
                                own_answers=o.own_answers, n_samples=o.n_samples, max_new_tokens=o.max_new_tokens,
-                               primer=o.primer, measure=o.measure, bootstrap=o.bootstrap)
+                               primer=o.primer, measure=o.measure, bootstrap=o.bootstrap, explain=o.explain)
         for task, r in [("reference answers", rep), ("the model's own answers", rep.get("own_answers"))]:
             if r is None: continue
             print(f"{task}:")
             print(format_report(r))
+        if "explanations" in rep:
+            print(f"why {', '.join(rep['explanations']['detectors'])} flag their {rep['explanations']['answers']} most suspect test "
+                  f"answers: {rep['explanations']['md']}, {rep['explanations']['png']}")
         print(f"{sum(s['items'] for s in rep['sizes'].values())} answers in {rep['seconds']:.0f} s -> {Path(args.run_dir) / 'tracking'}")
         return 0
     res = track_prompt(args.run_dir, args.prompt, o.answer, **match)

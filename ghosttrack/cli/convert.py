@@ -18,7 +18,7 @@ def add_convert_commands(subparsers) -> None:
     "Register `convert` on an argparse subparsers object."
     p = add_command(subparsers, "convert", convert_command, "convert SAEs and transcoders between ghosttrack, SAELens, sparsify and circuit-tracer layouts",
                     "Read the dictionary folder SRC in any known layout (a ghosttrack or SAELens SAE folder, a ghosttrack transcoder, a "
-                    "sparsify <hookpoint>/ folder, a circuit-tracer transcoder_set, or a folder of such folders) and write it to DST "
+                    "sparsify <hookpoint>/ folder, a circuit-tracer transcoder_set or cross_layer_transcoder, or a folder of such folders) and write it to DST "
                     "in the layout --to. Conversions are exact or refused: a dictionary the target cannot represent is an error.")
     p.add_argument("src", metavar="SRC", help="dictionary folder to read")
     p.add_argument("dst", metavar="DST", help="folder to write (one dictionary: the folder itself; several: one sub-folder each)")

@@ -33,6 +33,7 @@ ALIASES = {"extract.model": ("--model",), "corpus.source": ("--corpus",), "extra
            "sae.expansion_factor": ("--expansion-factor",), "sae.k": ("--k",), "sae.l1_coefficient": ("--l1-coefficient",),
            "train.lr": ("--lr",), "train.batch_size": ("--batch-size",), "train.num_epochs": ("--epochs", "--num-epochs"), "train.wandb_mode": ("--wandb-mode",),
            "perf.autocast": ("--autocast",), "perf.sparse_decoder": ("--sparse-decoder",), "perf.compile": ("--compile",),
+           "perf.encoder_dtype": ("--encoder-dtype",),
            "perf.grad_accum": ("--grad-accum",)}
 "short names of generated flags (the original `extract_and_train.py` flags among them)"
 
@@ -40,7 +41,7 @@ CHOICES = {"architecture": tuple(ARCHITECTURES), "dtype": DTYPES}
 "fields whose values the parser offers as choices, by field name"
 
 def _flag_kwargs(name: str, tp, doc: str) -> dict:
-    kw = dict(dest=name, default=None, help=doc)
+    kw = dict(dest=name, default=None, help=doc.replace("%", "%%"))   # argparse formats help with %
     if tp is bool: return kw | dict(action=argparse.BooleanOptionalAction)
     if tp in (int, float): return kw | dict(type=tp)
     return kw | (dict(choices=CHOICES[name.rpartition(".")[2]]) if name.rpartition(".")[2] in CHOICES else {})
@@ -115,7 +116,7 @@ def _option_kwargs(f, tp, doc: str, defaults: bool) -> dict:
     if typing.get_origin(tp) is typing.Union: tp = next(a for a in typing.get_args(tp) if a is not type(None))
     default = f.default_factory() if f.default_factory is not MISSING else None if f.default is MISSING else f.default
     shown = f" (default {','.join(map(str, default)) if isinstance(default, list) else default})" if default not in (None, False, []) else ""
-    kw = dict(default=default if defaults else None, help=doc + shown)
+    kw = dict(default=default if defaults else None, help=(doc + shown).replace("%", "%%"))   # argparse formats help with %
     if f.metadata.get("required"): kw |= dict(required=True)
     if tp is bool: return kw | dict(action="store_true" if defaults and default is False else argparse.BooleanOptionalAction)
     if typing.get_origin(tp) is typing.Literal: return kw | dict(choices=typing.get_args(tp))

@@ -18,15 +18,43 @@ from .analyses import add_attribute_commands, add_interpret_commands, add_track_
 from .bench import add_bench_commands
 from .clt import add_clt_commands
 from .convert import add_convert_commands
-from .flags import SECTIONS, add_config_flags, add_run_flags, resolve_config
+from .flags import SECTIONS, add_command, add_config_flags, add_run_flags, options, resolve_config
 from .tsp import add_tsp_commands
 from ..core.config import ConfigError
 from ..core.io import ArtifactExists
 from ..core.presets import PRESETS, get_preset
-from ..core.runfolder import run_lock
+from ..core.run_config import apply_overrides, device_overrides
+from ..core.runfolder import load_run_config, run_lock
 from ..data.models import check_device
 from ..dictionaries.trainer import init_distributed
+from ..pipeline.run import EvaluateOptions, evaluate_dictionaries
 from ..pipeline.runner import StageFailed, run_stages, run_summary
+from ..pipeline.stages import run_stage
+
+def add_evaluate_commands(subparsers) -> None:
+    "Register `evaluate` on an argparse subparsers object."
+    add_command(subparsers, "evaluate", evaluate_command, "measure a run's SAEs, or SAEs trained elsewhere (--dictionary), on the run's model and rows",
+                "Without --dictionary: the stage `evaluate` of the run (spliced next-token loss per SAE, saes/<hookpoint>/lm_eval.json). "
+                "With --dictionary FOLDER (repeatable, any layout `ghosttrack convert` reads): each folder's SAEs measured as the run's "
+                "own are — reconstruction on the validation split of the run's store at their hookpoint and the spliced next-token "
+                "loss on the held-out rows — to evaluate/external/<folder name>/eval.json.", EvaluateOptions, run=False,
+                run_dir="run folder of `ghosttrack run` (config.json, activations/, saes/)", overwrite="replace a finished evaluation")
+
+def evaluate_command(args) -> int:
+    "Handler of `ghosttrack evaluate`."
+    o, cfg = options(args, EvaluateOptions), load_run_config(args.run_dir)
+    if o.eval_rows is not None: cfg = dataclasses.replace(cfg, eval_rows=o.eval_rows)
+    if args.device: cfg = apply_overrides(cfg, device_overrides(cfg, args.device))
+    if not o.dictionaries:
+        run_stage("evaluate", cfg, overwrite=args.overwrite, progress=not args.quiet, save=False)
+        print(run_summary(cfg.run_path))
+        return 0
+    for name, r in evaluate_dictionaries(cfg, o.dictionaries, overwrite=args.overwrite).items():
+        print(f"{r['dictionary']} ({r['layout']}) -> {cfg.run_path / 'evaluate' / 'external' / name / 'eval.json'}")
+        for n, m in r["results"].items():
+            ce = f", CE recovered {m['ce_recovered']:.3f}, KL {m['kl_div']:.4f}" if "ce_recovered" in m else ""
+            print(f"  {n} ({m['hookpoint']}): FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}%{ce}")
+    return 0
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ghosttrack", description="Activations, sparse autoencoders and feature tracks for transformers.")
@@ -49,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-only", action="store_true", help="stop after extraction")
     p.add_argument("--train-only", action="store_true", help="train on an existing store")
     sub.add_parser("presets", help="list the named presets")
-    for add in (add_clt_commands, add_convert_commands, add_attribute_commands, add_bench_commands, add_interpret_commands, add_track_commands, add_tsp_commands):
+    for add in (add_evaluate_commands, add_clt_commands, add_convert_commands, add_attribute_commands, add_bench_commands, add_interpret_commands, add_track_commands, add_tsp_commands):
         add(sub)
     return ap
 
@@ -112,4 +140,4 @@ def main(argv=None) -> int:
 
 
 # %% auto #0
-__all__ = ['CREATES_RUN', 'build_parser', 'job_stages', 'error_line', 'main']
+__all__ = ['CREATES_RUN', 'add_evaluate_commands', 'evaluate_command', 'build_parser', 'job_stages', 'error_line', 'main']

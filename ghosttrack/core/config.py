@@ -162,6 +162,9 @@ class TrainConfig:
     "cosine decay ends at this fraction of `lr`"
     weight_decay: float = 0.0
     "AdamW weight decay"
+    optimizer: str = "adamw"
+    """`adamw`, or `adamw-schedulefree` (schedule-free AdamW: weights evaluated and saved at its running average; for
+    TopK at short budgets it reaches a much lower FVU, at a higher lr such as 1e-2, see `85_pipeline_bench`)"""
     max_grad_norm: float = 1.0
     "gradient clipping threshold (0 disables)"
     normalize_decoder_every: int = 1
@@ -198,6 +201,7 @@ class TrainConfig:
         _check(self.checkpoint_every > 0, "checkpoint_every", self.checkpoint_every, "a positive integer")
         _check(self.log_every > 0, "log_every", self.log_every, "a positive integer")
         _choice("wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
+        _choice("optimizer", self.optimizer, ("adamw", "adamw-schedulefree"))
 
 # %% ../../nbs/00_core_config.ipynb #94b043e2
 @dataclass
@@ -211,6 +215,9 @@ class PerfConfig:
     "`torch.compile` the forward"
     sparse_decoder: bool = False
     "TopK only: decode from the `k` active rows instead of a dense matmul"
+    encoder_dtype: str = "float32"
+    """with the sparse decoder: dtype of the encoder's forward matmul in training (`float32`, `bfloat16`, or `auto`:
+    bfloat16 where the hardware multiplies it natively); weights, gradients and the decoder stay float32"""
     grad_accum: int = 1
     "split each batch into this many micro-batches (same gradient, less memory)"
     prefetch: int = 2
@@ -218,6 +225,7 @@ class PerfConfig:
 
     def __post_init__(self):
         _choice("perf.autocast", self.autocast, ("none", "bf16", "fp16"))
+        _choice("perf.encoder_dtype", self.encoder_dtype, ("float32", "bfloat16", "auto"))
         _check(self.grad_accum >= 1, "perf.grad_accum", self.grad_accum, "a positive integer")
         _check(self.prefetch >= 0, "perf.prefetch", self.prefetch, "an integer >= 0")
 

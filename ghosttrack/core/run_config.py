@@ -133,11 +133,25 @@ class TrackConfig:
     "association score a feature needs to continue a track"
     method: str = "hungarian"
     "`hungarian` (one-to-one) or `greedy` matching between layers"
+    own_answers: bool = False
+    "also let the model answer every question and score its own answers (labelled against the references)"
+    n_samples: int = 4
+    "own answers: sampled answers per question besides the greedy one"
+    max_new_tokens: int = 48
+    "own answers: tokens generated per answer at most"
+    measure: str = "bleu"
+    "own answers: `bleu` or `rouge` similarity that labels them (the TruthfulQA paper's measure)"
+    explain: int = 5
+    "test answers explained per explained detector (0: none)"
 
     def __post_init__(self):
         _check(self.max_questions >= 0, "track.max_questions", self.max_questions, "an integer >= 0")
         _check(self.top_k > 0, "track.top_k", self.top_k, "a positive integer")
         _choice("track.method", self.method, ("hungarian", "greedy"))
+        _choice("track.measure", self.measure, ("bleu", "rouge"))
+        _check(self.n_samples >= 0, "track.n_samples", self.n_samples, "an integer >= 0")
+        _check(self.max_new_tokens > 0, "track.max_new_tokens", self.max_new_tokens, "a positive integer")
+        _check(self.explain >= 0, "track.explain", self.explain, "an integer >= 0")
 
 # %% ../../nbs/01_core_run_config.ipynb #7ad69a01
 @dataclass

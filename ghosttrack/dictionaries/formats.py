@@ -17,13 +17,14 @@ from ..core.io import ArtifactExists, load_json, load_tensors, remove_tree, save
 from ..data.models import FAMILIES
 from ..data.store import hook_dirname
 from .clt import CLTConfig, CLTMixin, load_clt, make_clt, save_clt
-from .clt_multi import MultiLayerCLT, load_multilayer_clt, save_multilayer_clt
+from .clt_multi import MultiLayerCLT, MultiLayerCLTConfig, load_multilayer_clt, save_multilayer_clt
 from .sae import SAE_WEIGHTS_FILENAME, SAEConfig, load_sae, make_sae, save_sae
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'SPARSIFY_CFG', 'SPARSIFY_WEIGHTS', 'CT_CONFIG', 'sparsify_hookpoints', 'sparsify_module', 'plain_weights',
-           'detect_layout', 'read_sparsify', 'read_transcoder_set', 'load_dictionaries', 'load_dictionary',
-           'sparsify_files', 'transcoder_set_files', 'save_dictionaries', 'convert']
+__all__ = ['LAYOUTS', 'SPARSIFY_CFG', 'SPARSIFY_WEIGHTS', 'CT_CONFIG', 'CT_KINDS', 'sparsify_hookpoints', 'sparsify_module',
+           'plain_weights', 'detect_layout', 'read_sparsify', 'read_transcoder_set', 'read_cross_layer_transcoder',
+           'load_dictionaries', 'load_dictionary', 'sparsify_files', 'transcoder_set_files',
+           'cross_layer_transcoder_files', 'save_dictionaries', 'convert']
 
 # %% ../../nbs/33_dict_formats.ipynb #c306f1ba
 _SPARSIFY = re.compile(r"^(?:(?:transformer|model|gpt_neox)\.)?(?:h|layers)\.(\d+)(?:\.(\w+))?$")
@@ -154,14 +155,22 @@ def read_sparsify(path):
     sae = make_sae(SAEConfig(d_in=D, hook_name=tgt, **meta))
     return sae.load_saelens_tensors_({k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, path / SPARSIFY_WEIGHTS).eval()
 
-def read_transcoder_set(path) -> dict:
-    "A circuit-tracer `transcoder_set` folder as `{name: pairwise transcoder}`, one per layer, in layer order."
+CT_KINDS = ("transcoder_set", "cross_layer_transcoder")
+"the circuit-tracer `model_kind`s ghosttrack reads and writes"
+
+def _ct_config(path, kinds=CT_KINDS) -> dict:
+    "A circuit-tracer folder's `config.yaml`, refused unless its `model_kind` is one of `kinds`."
     path = Path(path)
     try: c = yaml.safe_load((path / CT_CONFIG).read_text())
     except yaml.YAMLError as e: raise ConfigError(f"{path / CT_CONFIG} is not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(c, dict) or c.get("model_kind") != "transcoder_set":
-        kind = c.get("model_kind") if isinstance(c, dict) else None
-        raise ConfigError(f"{path / CT_CONFIG}: model_kind={kind!r}; ghosttrack reads circuit-tracer's transcoder_set only")
+    kind = c.get("model_kind") if isinstance(c, dict) else None
+    if kind not in kinds: raise ConfigError(f"{path / CT_CONFIG}: model_kind={kind!r}; ghosttrack reads circuit-tracer's {' and '.join(kinds)}")
+    return c
+
+def read_transcoder_set(path) -> dict:
+    "A circuit-tracer `transcoder_set` folder as `{name: pairwise transcoder}`, one per layer, in layer order."
+    path = Path(path)
+    c = _ct_config(path, ("transcoder_set",))
     files = [Path(p) if Path(p).is_absolute() else path / p for p in c.get("transcoders") or []]
     if any(str(p).startswith("hf:") for p in c.get("transcoders") or []):
         raise ConfigError(f"{path / CT_CONFIG} lists hf:// files; fetch them first with circuit-tracer's save_transcoders_to_cache")
@@ -192,9 +201,47 @@ def read_transcoder_set(path) -> dict:
                                          W_skip=t["W_skip"].T if "W_skip" in t else None))
     return out
 
+def read_cross_layer_transcoder(path) -> MultiLayerCLT:
+    """A circuit-tracer `cross_layer_transcoder` folder (`W_enc_<i>.safetensors` with `W_enc_<i>`, `b_enc_<i>`, `b_dec_<i>`,
+    `threshold_<i>`, and `W_dec_<i>.safetensors` with `W_dec_<i>` `[F, L−i, D]`) as a ghosttrack `MultiLayerCLT`."""
+    path = Path(path)
+    c = _ct_config(path, ("cross_layer_transcoder",))
+    L = len(list(path.glob("W_enc_*.safetensors")))
+    missing = [f"{w}_{i}.safetensors" for i in range(L) for w in ("W_enc", "W_dec") if not (path / f"{w}_{i}.safetensors").exists()]
+    if not L or missing: raise ConfigError(f"{path}: a cross_layer_transcoder needs W_enc_<i> and W_dec_<i>.safetensors for i = 0…L−1; "
+                                           f"{'missing ' + ', '.join(missing) if missing else 'there are none'}")
+    enc = [load_tensors(path / f"W_enc_{i}.safetensors", finite=True) for i in range(L)]
+    dec = [load_tensors(path / f"W_dec_{i}.safetensors", finite=True)[f"W_dec_{i}"] for i in range(L)]
+    if "W_enc_0" not in enc[0]: raise ConfigError(f"{path / 'W_enc_0.safetensors'}: tensor 'W_enc_0' is missing; it has {sorted(enc[0])}")
+    F_, D = enc[0]["W_enc_0"].shape
+    jump = "threshold_0" in enc[0]
+    for i, e in enumerate(enc):
+        _check_shapes(e, {f"W_enc_{i}": (F_, D), f"b_enc_{i}": (F_,), f"b_dec_{i}": (D,), **({f"threshold_{i}": (F_,)} if jump else {})},
+                      path / f"W_enc_{i}.safetensors")
+        _check_shapes({f"W_dec_{i}": dec[i]}, {f"W_dec_{i}": (F_, L - i, D)}, path / f"W_dec_{i}.safetensors")
+    # a ReLU CLT is ghosttrack's JumpReLU at θ = 0: relu(x)·[x > 0] = relu(x)
+    theta = torch.cat([e[f"threshold_{i}"] for i, e in enumerate(enc)]) if jump else torch.zeros(L * F_)
+    if (theta < 0).any():
+        raise ConfigError(f"{path}: negative JumpReLU thresholds; circuit-tracer then passes negative activations, which "
+                          f"ghosttrack's ReLU-gated JumpReLU cannot")
+    src_site, tgt_site = (_CT_SITES.get(c.get(k, ""), c.get(k, "")) for k in ("feature_input_hook", "feature_output_hook"))
+    meta = c.get("ghosttrack") or {}
+    cfg = MultiLayerCLTConfig(architecture="jumprelu", n_layers=L, d_in=D, d_out=D, d_sae=L * F_,
+                              sources=[f"blocks.{l}.{src_site}" for l in range(L)], targets=[f"blocks.{l}.{tgt_site}" for l in range(L)],
+                              model_name=meta.get("model_name") or c.get("model_name") or "")
+    clt = MultiLayerCLT(cfg)
+    stack = lambda key, f=lambda v: v: torch.stack([f(e[f"{key}_{i}"]) for i, e in enumerate(enc)])
+    clt.load_state_dict({"W_enc_LDF": stack("W_enc", lambda v: v.T), "b_enc_LF": stack("b_enc"), "b_dec_LO": stack("b_dec"),
+                         "threshold": theta, **{f"W_dec.{i}": W for i, W in enumerate(dec)},
+                         "source_mean": torch.zeros(L, D), "source_scale": torch.ones(L, D),
+                         "target_mean": torch.zeros(L, D), "target_scale": torch.ones(L, D)})
+    return clt.eval()
+
 def _read_one(path, layout: str) -> dict:
     path = Path(path)
-    if layout == "circuit-tracer": return read_transcoder_set(path)
+    if layout == "circuit-tracer":
+        if _ct_config(path).get("model_kind") == "cross_layer_transcoder": return {path.name: read_cross_layer_transcoder(path)}
+        return read_transcoder_set(path)
     if layout == "sparsify": return {path.name: read_sparsify(path)}
     kind = load_json(path / "cfg.json").get("kind")
     if kind == "multilayer_clt": return {path.name: load_multilayer_clt(path).eval()}
@@ -277,6 +324,39 @@ def transcoder_set_files(ds: dict) -> tuple:
     if model and "@" not in model: config["model_name"] = model   # a Hugging Face name circuit-tracer can load
     return config, files
 
+def cross_layer_transcoder_files(d: MultiLayerCLT) -> tuple:
+    """`(config, {file name: tensors})` of a circuit-tracer `cross_layer_transcoder` for a ghosttrack JumpReLU multi-layer
+    CLT over layers 0…L−1, its per-layer normalisation folded into the weights."""
+    c = d.cfg
+    if c.architecture != "jumprelu":
+        raise ConfigError(f"a {c.architecture} multi-layer CLT has no circuit-tracer counterpart: its cross_layer_transcoder is ReLU or "
+                          f"JumpReLU, with no per-layer top-k; train it with --set clt.architecture=jumprelu")
+    if c.skip:
+        raise ConfigError("a multi-layer CLT with a skip has no circuit-tracer counterpart: circuit-tracer's cross_layer_transcoder "
+                          "files hold no W_skip (load_clt reads encoders, decoders and biases only); train it without the skip")
+    if c.d_in != c.d_out: raise ConfigError(f"a multi-layer CLT {c.d_in} -> {c.d_out} wide has no circuit-tracer counterpart: "
+                                            f"its cross_layer_transcoder reads and writes the same width")
+    L, F_ = c.n_layers, c.features_per_layer
+    sites = {(_ct_site(s, l, "source"), _ct_site(t, l, "target")) for l, (s, t) in enumerate(zip(c.sources, c.targets))}
+    if len(sites) != 1: raise ConfigError(f"the layers of this multi-layer CLT read or write different sites {sorted(sites)}; "
+                                          f"a cross_layer_transcoder has one input hook and one output hook")
+    t = {k: v.detach().double() for k, v in d.tensors().items()}
+    sm, ss, tm, ts = (t[k] for k in ("source_mean", "source_scale", "target_mean", "target_scale"))   # [L, D]
+    W_enc_LDF = t["W_enc_LDF"] / ss[:, :, None]
+    b_enc_LF = t["b_enc_LF"] - torch.einsum("ld,ldf->lf", sm / ss, t["W_enc_LDF"])
+    b_dec_LO = t["b_dec_LO"] * ts + tm
+    theta_LF = t["threshold"].view(L, F_).clamp_min(0)   # ghosttrack's relu(x)·[x > θ] is circuit-tracer's x·[x > max(θ, 0)]
+    files, dtype = {}, d.W_enc_LDF.dtype
+    for l in range(L):
+        files[f"W_enc_{l}.safetensors"] = {f"W_enc_{l}": W_enc_LDF[l].T.to(dtype), f"b_enc_{l}": b_enc_LF[l].to(dtype),
+                                           f"b_dec_{l}": b_dec_LO[l].to(dtype), f"threshold_{l}": theta_LF[l].to(dtype)}
+        files[f"W_dec_{l}.safetensors"] = {f"W_dec_{l}": (t[f"W_dec.{l}"] * ts[l:]).to(dtype)}   # feature of layer l → targets l…L−1
+    (src, tgt), = sites
+    config = {"model_kind": "cross_layer_transcoder", "feature_input_hook": src, "feature_output_hook": tgt,
+              "ghosttrack": {"model_name": c.model_name}}
+    if c.model_name and "@" not in c.model_name: config["model_name"] = c.model_name
+    return config, files
+
 def _write_one(d, path, to: str):
     if to == "sparsify":
         cfg, tensors = sparsify_files(d)
@@ -291,7 +371,11 @@ def _write_one(d, path, to: str):
 
 def _check_writable(ds: dict, to: str):
     "Raise before writing anything when some dictionary of `ds` cannot go to layout `to`."
-    if to == "circuit-tracer": return transcoder_set_files(ds)
+    if to == "circuit-tracer":
+        multi = [n for n, d in ds.items() if isinstance(d, MultiLayerCLT)]
+        if multi and len(ds) > 1: raise ConfigError(f"{multi[0]} is a multi-layer CLT, a circuit-tracer cross_layer_transcoder of its own; "
+                                                    f"convert it alone, not with {len(ds) - 1} other dictionaries")
+        return cross_layer_transcoder_files(ds[multi[0]]) if multi else transcoder_set_files(ds)
     for d in ds.values():
         if to == "sparsify": sparsify_files(d)
         elif to == "saelens" and isinstance(d, (CLTMixin, MultiLayerCLT)):

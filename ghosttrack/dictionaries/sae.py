@@ -211,16 +211,25 @@ class TopKSAE(SAE):
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre_BF).scatter(-1, idx_BK, F.relu(vals_BK))
 
-    def use_sparse_decoder(self, on: bool = True):
-        "Switch the sparse TopK path on or off (same outputs as the dense path, to float rounding); returns self."
-        self.sparse_decoder = on
+    encoder_dtype = None
+    "with the sparse decoder, in training: dtype of the encoder's forward matmul (None: the weights' dtype)"
+
+    def use_sparse_decoder(self, on: bool = True, encoder_dtype: torch.dtype | None = None):
+        """Switch the sparse TopK path on or off (same outputs as the dense path, to float rounding); returns self.
+        `encoder_dtype=torch.bfloat16` runs the training forward's encoder matmul in bf16 (mixed precision: the
+        chosen latents and their values at bf16 precision, weights and gradients float32)."""
+        self.sparse_decoder, self.encoder_dtype = on, encoder_dtype
         return self
 
     def code(self, x_BD):
         if not self.sparse_decoder: return super().code(x_BD)
         if self.cfg.apply_b_dec_to_input: x_BD = x_BD - self.b_dec
-        with torch.no_grad(): pre_BF = x_BD @ self.W_enc_DF + self.b_enc   # gradients go only to the columns read below
+        dt = self.encoder_dtype if self.training else None
+        with torch.no_grad():   # gradients go only to the columns read below
+            pre_BF = (x_BD @ self.W_enc_DF + self.b_enc if dt is None else
+                      torch.addmm(self.b_enc.to(dt), x_BD.to(dt), self.W_enc_DF.to(dt)))
         pre_at = lambda idx_BK: PreActsAt.apply(x_BD, self.W_enc_DF, self.b_enc, pre_BF, idx_BK)
+        if dt is not None: pre_at = lambda idx_BK, at=pre_at: at(idx_BK).to(self.W_enc_DF.dtype)
         idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
         vals_BK = F.relu(pre_at(idx_BK))
         return pre_BF, None, sparse_decode(vals_BK, idx_BK, self.W_dec_FD, self.b_dec), pre_at, (vals_BK, idx_BK)
@@ -229,7 +238,7 @@ class BatchTopKSAE(TopKSAE):
     "Top `k·B` activations over the batch when training; a per-token threshold θ at inference (saved as JumpReLU)."
     architecture, saelens_architecture = "batchtopk", "jumprelu"
 
-    def use_sparse_decoder(self, on: bool = True):
+    def use_sparse_decoder(self, on: bool = True, encoder_dtype: torch.dtype | None = None):
         if on: raise ValueError("batchtopk keeps a varying number of latents per token; the sparse decoder is for topk only")
         return self
     threshold_lr = 0.01

@@ -30,8 +30,9 @@ from .sae import make_sae, save_sae
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DEAD_WINDOW_TOKENS', 'lr_lambda', 'save_checkpoint', 'load_checkpoint', 'rank0_decides', 'init_distributed',
-           'prefetched', 'Trainer', 'prepare_training', 'train_sae']
+__all__ = ['log', 'DEAD_WINDOW_TOKENS', 'LATER_FIELDS', 'lr_lambda', 'save_checkpoint', 'load_checkpoint', 'rank0_decides',
+           'init_distributed', 'prefetched', 'make_optimizer', 'native_bf16', 'Trainer', 'prepare_training',
+           'train_sae']
 
 # %% ../../nbs/25_dict_trainer.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -156,6 +157,22 @@ def _activity(out) -> tuple:
 DEAD_WINDOW_TOKENS = 10_000_000
 "the window of training tokens over which a latent that never fired counts as dead (the field's usual 10M)"
 
+def make_optimizer(params, cfg: TrainConfig):
+    """AdamW, or schedule-free AdamW (`cfg.optimizer`), at `cfg.lr`; the learning-rate schedule (warmup, decay) is the
+    trainer's either way. A schedule-free optimizer starts in training mode (see `Trainer.averaged`)."""
+    if cfg.optimizer == "adamw": return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    import schedulefree
+    opt = schedulefree.AdamWScheduleFree(params, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0)
+    opt.train()
+    return opt
+
+def native_bf16(device) -> bool:
+    "Whether `device` multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU with AMX or AVX512-BF16."
+    d = torch.device(device)
+    if d.type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, f, None) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return d.type == "cpu" and any(f is not None and f() for f in probes)
+
 class Trainer:
     "Fits one dictionary on an activation dataset; resumable, logged, validated; optional fast paths and DDP."
     def __init__(self, model, train_data, val_data, cfg: TrainConfig, out_dir, ckpt_dir, save_fn, name: str = "",
@@ -181,7 +198,7 @@ class Trainer:
             raise ValueError(f"{self.name}: {train_data.num_rows} training rows is less than one batch of {cfg.batch_size}; "
                              f"extract more tokens (--num-tokens) or lower train.batch_size")
         self.total_steps = total_steps or self.steps_per_epoch * cfg.num_epochs
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = make_optimizer(model.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total_steps, cfg.warmup_frac, cfg.min_lr_frac))
         d_sae = getattr(getattr(model, "cfg", None), "d_sae", None) or model.W_dec_FD.shape[0]
         self.since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=self.device)
@@ -190,7 +207,9 @@ class Trainer:
 
     def _setup_fast_paths(self):
         p = self.perf
-        if p.sparse_decoder: self.model.use_sparse_decoder()
+        if p.sparse_decoder:
+            half = p.encoder_dtype == "bfloat16" or (p.encoder_dtype == "auto" and native_bf16(self.device))
+            self.model.use_sparse_decoder(encoder_dtype=torch.bfloat16 if half else None)
         if self.device.type == "cuda" and p.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p.autocast]
@@ -304,18 +323,37 @@ class Trainer:
         self.bar.update(1)
         self.t_train += time.time() - self._mark
         if self.main and step % self.steps_per_epoch == 0:
-            v = self.validate() | {"step": step, "epoch": self.epoch, "split": "val"}
-            append_jsonl(self.hist, v)
-            if self.run is not None: self.run.log({k: x for k, x in v.items() if k.startswith("val_")}, step=step)
-            if v["val_fvu"] < self.best:
-                self.best = v["val_fvu"]
-                self.save_fn(self.model, self.ckpt_dir / "best", overwrite=True)
+            with self.averaged():
+                v = self.validate() | {"step": step, "epoch": self.epoch, "split": "val"}
+                append_jsonl(self.hist, v)
+                if self.run is not None: self.run.log({k: x for k, x in v.items() if k.startswith("val_")}, step=step)
+                if v["val_fvu"] < self.best:
+                    self.best = v["val_fvu"]
+                    self.save_fn(self.model, self.ckpt_dir / "best", overwrite=True)
         if self.main and (step % cfg.checkpoint_every == 0 or step % self.steps_per_epoch == 0):
             if not all(torch.isfinite(p).all() for p in self.model.parameters()): self._diverged(f"the weights hold NaN or inf at step {step}")
             save_checkpoint(self.ckpt_dir / "latest", self.model, self.opt, self.sched, {"since_fired_F": self.since_fired_F},
                             {"step": step, "best_val_fvu": self.best, "train_seconds": self.t_train, "wandb_run_id": self.run_id})
         if step % self.steps_per_epoch == 0: self.epoch += 1
         self._mark = time.time()
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside, the model holds the weights to evaluate and save: a schedule-free optimizer's running average
+        instead of the point its gradients are taken at (nothing changes with AdamW). Checkpoints are written outside,
+        so a resume continues exactly."""
+        swap = callable(getattr(self.opt, "eval", None))
+        if swap: self.opt.eval()
+        try: yield
+        finally:
+            if swap: self.opt.train()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not training time: an outside evaluation between steps (the benchmark's FVU curve)
+        does not slow the reported tokens/s."""
+        try: yield
+        finally: self._mark = time.time()
 
     def _diverged(self, what: str):
         "Stop: a training that diverged is not checkpointed or saved; the last good checkpoint stays for a resume."
@@ -332,6 +370,7 @@ class Trainer:
         "Final validation, save the artifact and `summary.json` (rank 0), close the logs; returns the summary."
         self.bar.close()
         if self.main and not all(torch.isfinite(p).all() for p in self.model.parameters()): self._diverged("the final weights hold NaN or inf")
+        if callable(getattr(self.opt, "eval", None)): self.opt.eval()   # the result is the schedule-free average
         self.model.normalize_decoder_()
         final = self.validate()
         summary = {"name": self.name, "steps": self.step, "epochs": self.cfg.num_epochs, "train_rows_per_epoch": self.train_data.num_rows,
@@ -369,14 +408,23 @@ class Trainer:
             raise
 
 # %% ../../nbs/25_dict_trainer.ipynb #a78eb5d5
+LATER_FIELDS = {("train", "optimizer"): "adamw"}
+"settings added after dictionaries were first recorded, with the value every earlier training had"
+
+def _with_later_fields(settings: dict) -> dict:
+    "Recorded `settings` as they would be recorded today: an older `settings.json` still matches an unchanged rerun."
+    for (section, key), value in LATER_FIELDS.items():
+        if isinstance(settings.get(section), dict): settings[section].setdefault(key, value)
+    return settings
+
 def prepare_training(settings: dict, out_dir, ckpt_dir, overwrite: bool, what: str) -> dict | None:
     """The finished summary when `out_dir` was trained with these `settings` (reuse); else clear what `overwrite` asks,
     refuse a finished or unfinished training with other settings, record `settings` beside the checkpoints, return None."""
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     settings = json.loads(json.dumps(settings))
-    old = load_json(ckpt_dir / "settings.json") if (ckpt_dir / "settings.json").exists() else None
+    old = _with_later_fields(load_json(ckpt_dir / "settings.json")) if (ckpt_dir / "settings.json").exists() else None
     finished = (out_dir / "summary.json").exists()
-    made = load_json(out_dir / "settings.json") if (out_dir / "settings.json").exists() else old   # what the finished one used
+    made = _with_later_fields(load_json(out_dir / "settings.json")) if (out_dir / "settings.json").exists() else old   # what the finished one used
     if finished and not overwrite:
         if made == settings:
             log.info("%s: already trained, reusing %s", what, out_dir)

@@ -17,6 +17,7 @@ from ..core.runfolder import activations_dir, load_run_config, run_saes
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import check_same_model, load_model, model_name
 from ..data.store import hook_dirname
+from ..dictionaries.clt import CLTMixin
 from ..dictionaries.formats import load_dictionaries
 from ..dictionaries.sae import SAE, load_sae
 from .dashboard import write_dashboard
@@ -43,15 +44,16 @@ class InterpretOptions:
     "SAE folders to interpret instead of the run's, in any layout `ghosttrack convert` reads (ghosttrack, SAELens, sparsify); repeat for several"
 
 # %% auto #0
-__all__ = ['log', 'DEFAULT_TEXT_TOKENS', 'InterpretOptions', 'interpret_run']
+__all__ = ['log', 'DEFAULT_TEXT_TOKENS', 'InterpretOptions', 'foreign_saes', 'interpret_run']
 
 # %% ../../nbs/52_interpret_run.ipynb #4cba8697
-def _foreign_saes(folders) -> dict:
+def foreign_saes(folders) -> dict:
     "`{hookpoint: SAE}` of dictionary folders in any layout (the SAEs a user trained elsewhere)."
     saes = {}
     for f in folders:
         for name, d in load_dictionaries(f).items():
-            if not isinstance(d, SAE): raise ValueError(f"{f}: {name} is a transcoder; interpret reads SAEs (attribute takes transcoders)")
+            if isinstance(d, CLTMixin) or not isinstance(d, SAE): raise ValueError(   # a transcoder is an SAE subclass too
+                f"{f}: {name} is a transcoder; interpret and track read SAEs (attribute takes transcoders)")
             if not d.cfg.hook_name: raise ValueError(f"{f}: {name} does not say which hookpoint it reads (no hook_name in its config)")
             saes[d.cfg.hook_name] = d
     return saes
@@ -63,7 +65,7 @@ def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, m
     writing `interpret/<hookpoint>/features.json` and `dashboard.html`. `texts`: None = the run's activation store,
     else a corpus source (`truthfulqa`, `wikipedia`, `stdlib`, `text:PATH`). Returns `{hookpoint: summary + paths + seconds}`."""
     run, cfg = Path(run_dir), load_run_config(run_dir)
-    saes = _foreign_saes(dictionaries) if dictionaries else run_saes(cfg, layers)
+    saes = foreign_saes(dictionaries) if dictionaries else run_saes(cfg, layers)
     outs = {hp: run / "interpret" / hook_dirname(hp) for hp in saes}
     for hp, out in outs.items(): check_overwrite(out / "features.json", (out / "features.json").exists(), overwrite, "feature interpretation")
     device = device or cfg.extract.device

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -29,9 +30,11 @@ from ..dictionaries.stream import stream_train_saes
 from ..dictionaries.trainer import PerfConfig, Trainer, train_sae
 
 # %% auto #0
-__all__ = ['PRESETS', 'PEERS', 'SAELENS_SCRIPT', 'SPARSIFY_SCRIPT', 'BenchConfig', 'BenchOptions', 'peer_python', 'run_peer',
-           'TensorBatches', 'train_ghosttrack', 'bench_extraction', 'bench_stream_vs_disk', 'SyntheticBatches',
-           'peak_rss_mb', 'scale_point', 'bench_scaling', 'machine_info', 'run_bench', 'format_report']
+__all__ = ['PRESETS', 'PEERS', 'PRELUDE', 'SAELENS_SCRIPT', 'SPARSIFY_SCRIPT', 'GHOSTTRACK_SCRIPT', 'TRAINERS', 'VARIANTS',
+           'COLORS', 'BenchConfig', 'BenchOptions', 'peer_python', 'TensorBatches', 'bench_trainer', 'run_trainer',
+           'time_to_target', 'bench_extraction', 'bench_stream_vs_disk', 'SyntheticBatches', 'peak_rss_mb',
+           'scale_point', 'bench_scaling', 'shape_bench', 'demo_activations', 'machine_info', 'plot_curves',
+           'run_bench', 'format_report']
 
 # %% ../../nbs/85_pipeline_bench.ipynb #cb158f7f
 @dataclass
@@ -52,9 +55,23 @@ class BenchConfig:
     batch_size: int = 4096
     "rows per optimizer step, for every trainer"
     lr: float = 1e-3
-    "constant learning rate, for every trainer"
+    "constant learning rate, for every trainer (the shared recipe)"
     context_len: int = 64
     "tokens per row of the random-token input"
+    demo_model: str = "smollm2-135m"
+    "the demo's model: the second shape trains on its activations"
+    demo_layer: int = 9
+    "its layer (residual stream after the block)"
+    demo_widths: tuple = (8, 16)
+    "SAE widths (× d_in) at the demo's shape; empty: leave the demo's shape out"
+    demo_tokens: int = 262_144
+    "training rows at the demo's shape"
+    demo_val_tokens: int = 16_384
+    "held-out rows at the demo's shape"
+    recipes: tuple = ("shared", "own")
+    "`shared`: every trainer with the config above; `own`: each with its own recommended defaults"
+    curve_points: int = 12
+    "held-out FVU measurements along each training (for time to target; not timed)"
     stream_tokens: int = 65_536
     "tokens for streaming vs disk"
     scaling: tuple = ((128, 65_536), (256, 131_072), (512, 262_144))
@@ -67,9 +84,9 @@ class BenchConfig:
 PRESETS = {
     "full": BenchConfig(),
     "quick": BenchConfig(d_model=128, train_tokens=65_536, val_tokens=8192, batch_size=1024, stream_tokens=32_768,
-                         scaling=((64, 16_384), (128, 32_768), (256, 65_536))),
-    "smoke": BenchConfig(d_model=32, train_tokens=4096, val_tokens=1024, expansion=4, k=8, batch_size=512,
-                         stream_tokens=4096, scaling=((16, 2048), (32, 4096), (64, 8192))),
+                         demo_tokens=65_536, demo_val_tokens=8192, scaling=((64, 16_384), (128, 32_768), (256, 65_536))),
+    "smoke": BenchConfig(d_model=32, train_tokens=4096, val_tokens=1024, expansion=4, k=8, batch_size=512, demo_widths=(),
+                         curve_points=3, stream_tokens=4096, scaling=((16, 2048), (32, 4096), (64, 8192))),
 }
 
 # %% ../../nbs/85_pipeline_bench.ipynb #049ac920
@@ -107,67 +124,122 @@ def peer_python(name: str) -> tuple:
     return py, r.stdout.strip().splitlines()[-1]   # a library may print notices first
 
 # %% ../../nbs/85_pipeline_bench.ipynb #bcffd606
-SAELENS_SCRIPT = r'''
+PRELUDE = r'''
 import json, sys, time, torch
 from safetensors.torch import load_file
 a = json.loads(sys.argv[1]); torch.set_num_threads(a["threads"]); torch.manual_seed(0)
 t = load_file(a["acts"]); x, val = t["train"].to(a["device"]), t["val"].to(a["device"])
+d, B, L, own = x.shape[1], a["batch_size"], a["d_sae"], a["recipe"] == "own"
+steps = len(x) // B
+batches = x[: steps * B].split(B)
+EVAL_AT = {round(i * steps / (a["points"] - 1)) for i in range(a["points"])}
+cuda = x.is_cuda
+def sync():
+    if cuda: torch.cuda.synchronize()
+def memory_mb():
+    if cuda: return torch.cuda.max_memory_allocated() / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"): return int(line.split()[1]) / 1024
+    return 0.0
+if cuda: torch.cuda.reset_peak_memory_stats()
+BASE_MB = memory_mb()
+@torch.no_grad()
+def measure(encode_decode):
+    sse, fired = 0.0, torch.zeros(L, dtype=torch.bool, device=val.device)
+    for v in val.split(4096):
+        x_hat, f = encode_decode(v)
+        sse += (x_hat.float() - v).pow(2).sum().item(); fired |= f
+    return sse / (val - val.mean(0)).pow(2).sum().item(), 1 - fired.float().mean().item()
+class Clock:
+    def __init__(self): self.curve, self.paused = [], 0.0
+    def start(self): sync(); self.t0 = time.perf_counter()
+    def seconds(self): sync(); return time.perf_counter() - self.t0 - self.paused
+    def point(self, step, encode_decode, seconds=None):
+        if step not in EVAL_AT: return None
+        s = self.seconds() if seconds is None else seconds
+        p0 = time.perf_counter(); fvu, dead = measure(encode_decode)
+        self.curve.append([s, step * B, fvu]); self.paused += time.perf_counter() - p0
+        return fvu, dead
+def report(seconds, curve, fvu, dead):
+    print(json.dumps({"seconds": seconds, "tokens": steps * B, "fvu": fvu, "dead_frac": dead, "curve": curve,
+                      "peak_mb": memory_mb(), "over_data_mb": memory_mb() - BASE_MB}))
+'''
+
+SAELENS_SCRIPT = r'''
 from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
-d, B = x.shape[1], a["batch_size"]
-sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=a["d_sae"], k=a["k"], device=a["device"], dtype="float32"))
-cfg = SAETrainerConfig(total_training_samples=len(x) // B * B, train_batch_size_samples=B, lr=a["lr"], lr_end=a["lr"], device=a["device"],
-                       dead_feature_window=max(1, a["dead_window_tokens"] // B), feature_sampling_window=10**9,
-                       logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, save_final_checkpoint=False)
-trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(x[: len(x) // B * B].split(B)))
-t0 = time.perf_counter(); trainer.fit(); secs = time.perf_counter() - t0
-sae.eval()
-with torch.no_grad(): x_hat = sae.decode(sae.encode(val))
-fvu = ((x_hat - val).pow(2).sum() / (val - val.mean(0)).pow(2).sum()).item()
-print(json.dumps({"seconds": secs, "tokens": len(x) // B * B, "fvu": fvu}))
+''' + PRELUDE + r'''
+sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=L, k=a["k"], device=a["device"], dtype="float32"))
+default_lr = SAETrainerConfig.__dataclass_fields__["lr"].default
+shared = (dict(lr_end=default_lr / 10) if own else   # lr_end as its runner config sets it (unused by the constant schedule)
+          dict(lr=a["lr"], lr_end=a["lr"], dead_feature_window=max(1, a["dead_window_tokens"] // B), feature_sampling_window=10**9))
+cfg = SAETrainerConfig(total_training_samples=steps * B, train_batch_size_samples=B, device=a["device"], autocast=a.get("autocast", False),
+                       logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, save_final_checkpoint=False, **shared)
+def encode_decode(v):
+    z = sae.encode(v)
+    return sae.decode(z), (z > 0).any(0)
+clock = Clock()
+def fed():   # SAETrainer pulls its batches from here, so the curve is measured between its steps
+    for i, xb in enumerate(batches):
+        clock.point(i, encode_decode)
+        yield xb
+trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=fed())
+clock.start(); trainer.fit(); secs = clock.seconds()
+report(secs, clock.curve, *clock.point(steps, encode_decode))
 '''
 
 SPARSIFY_SCRIPT = r'''
-import json, sys, time, torch
-from safetensors.torch import load_file
-a = json.loads(sys.argv[1]); torch.set_num_threads(a["threads"]); torch.manual_seed(0)
-t = load_file(a["acts"]); x, val = t["train"].to(a["device"]), t["val"].to(a["device"])
 from sparsify import SparseCoder, SparseCoderConfig
-d, B = x.shape[1], a["batch_size"]
-sae = SparseCoder(d, SparseCoderConfig(k=a["k"], num_latents=a["d_sae"]), device=a["device"], dtype=torch.float32)
-opt = torch.optim.Adam(sae.parameters(), lr=a["lr"])
-since = torch.zeros(a["d_sae"], dtype=torch.long, device=a["device"])
-batches = x[: len(x) // B * B].split(B)
-t0 = time.perf_counter()
+from sparsify.sign_sgd import SignSGD
+''' + PRELUDE + r'''
+sae = SparseCoder(d, SparseCoderConfig(k=a["k"], num_latents=L), device=a["device"], dtype=torch.float32)
+if own:
+    from schedulefree import ScheduleFreeWrapper
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (L / 2**14) ** 0.5)]), momentum=0.95)
+    opt.train()
+else: opt = torch.optim.Adam(sae.parameters(), lr=a["lr"])
+since = torch.zeros(L, dtype=torch.long, device=a["device"])
+def encode_decode(v):
+    if own: opt.eval()   # the schedule-free average: what sparsify saves
+    out = sae(v)
+    if own: opt.train()
+    fired = torch.zeros(L, dtype=torch.bool, device=v.device)
+    fired[out.latent_indices[out.latent_acts > 0]] = True
+    return out.sae_out, fired
+clock = Clock(); clock.start()
 for i, xb in enumerate(batches):
+    clock.point(i, encode_decode)
     if i == 0: sae.b_dec.data = xb.mean(0)
+    if own: sae.set_decoder_norm_to_unit_norm()
     dead = since >= a["dead_window_tokens"]
-    out = sae(xb, dead_mask=dead if dead.any() else None)
-    (out.fvu + a["auxk_coefficient"] * out.auxk_loss).backward()
+    out = sae(xb, dead_mask=dead if not own and dead.any() else None)
+    (out.fvu if own else out.fvu + a["auxk_coefficient"] * out.auxk_loss).backward()
     sae.remove_gradient_parallel_to_decoder_directions()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    if not own: torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
     opt.step(); opt.zero_grad(set_to_none=True)
-    sae.set_decoder_norm_to_unit_norm()
+    if not own: sae.set_decoder_norm_to_unit_norm()
     since += len(xb); since[out.latent_indices.flatten()] = 0
-secs = time.perf_counter() - t0
-with torch.no_grad(): x_hat = sae(val).sae_out
-fvu = ((x_hat - val).pow(2).sum() / (val - val.mean(0)).pow(2).sum()).item()
-print(json.dumps({"seconds": secs, "tokens": len(batches) * B, "fvu": fvu}))
+secs = clock.seconds()
+report(secs, clock.curve, *clock.point(steps, encode_decode))
 '''
 
-def run_peer(name: str, acts_file, spec: dict, timeout: int = 3600) -> dict:
-    "Train with a peer in its own interpreter; `{'status': 'ok', tokens_per_second, fvu, version}` or why not."
-    py, version = peer_python(name)
-    if py is None: return {"status": "missing", "why": version}
-    script = {"saelens": SAELENS_SCRIPT, "sparsify": SPARSIFY_SCRIPT}[name]
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
-    r = subprocess.run([py, "-c", script, json.dumps({**spec, "acts": str(acts_file)})], capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    if r.returncode != 0:
-        return {"status": "failed", "version": version, "why": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"status": "ok", "version": version, "tokens_per_second": res["tokens"] / res["seconds"], "fvu": res["fvu"],
-            "seconds": res["seconds"]}
+GHOSTTRACK_SCRIPT = r'''
+import tempfile
+from pathlib import Path
+from ghosttrack.pipeline.bench import bench_trainer
+''' + PRELUDE + r'''
+with tempfile.TemporaryDirectory() as tmp:
+    tr = bench_trainer(x, val, a, Path(tmp))
+    def encode_decode(v):
+        out = tr.model(v)
+        return out.x_hat, (out.acts > 0).any(0)
+    clock = Clock(); tr.start()
+    for i, xb in enumerate(batches):
+        with tr.paused(), tr.averaged(): clock.point(i, encode_decode, seconds=tr.t_train)
+        tr.train_step(xb)
+    tr.finish()
+    report(tr.t_train, clock.curve, *clock.point(steps, encode_decode, seconds=tr.t_train))
+'''
 
 # %% ../../nbs/85_pipeline_bench.ipynb #43308786
 class TensorBatches:
@@ -183,24 +255,49 @@ class TensorBatches:
         n = len(self) * self.batch_size if self.split == "train" else len(self.x)
         yield from self.x[start * self.batch_size:n].split(self.batch_size)
 
+def bench_trainer(x_ND, val_ND, a: dict, tmp) -> Trainer:
+    "The `Trainer` of a bench run: the shared recipe, or ghosttrack's own defaults when `a['recipe'] == 'own'`."
+    d, B = x_ND.shape[1], a["batch_size"]
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(architecture="topk", k=a["k"], expansion_factor=a["d_sae"] // d).with_d_in(d))
+    sae.init_b_dec_(x_ND[:B])
+    common = dict(batch_size=B, num_epochs=1, checkpoint_every=10**9, log_every=10**9, wandb_mode="disabled", device=a["device"])
+    tcfg = (TrainConfig(**common) if a["recipe"] == "own" else
+            TrainConfig(lr=a["lr"], warmup_frac=0.0, min_lr_frac=1.0, dead_window_tokens=a["dead_window_tokens"],
+                        optimizer=a.get("optimizer", "adamw"), **common))
+    return Trainer(sae, TensorBatches(x_ND, B), TensorBatches(val_ND, 4096, "val"), tcfg, Path(tmp) / "sae", Path(tmp) / "ck", save_sae,
+                   progress=False, perf=PerfConfig(sparse_decoder=a.get("sparse_decoder", True),
+                                                   encoder_dtype=a.get("encoder_dtype", "auto"), prefetch=0))
+
 def _sync(device):
     if torch.device(device).type == "cuda": torch.cuda.synchronize()
 
-def train_ghosttrack(x_ND, val_ND, bc: BenchConfig, perf=None, dead_window_tokens: int | None = None) -> dict:
-    "Train a TopK SAE with the `Trainer` on `x_ND` in order; tokens/s of the training loop and FVU on `val_ND`."
-    d = x_ND.shape[1]
-    torch.manual_seed(0)
-    sae = make_sae(SAEConfig(architecture="topk", k=bc.k, expansion_factor=bc.expansion).with_d_in(d))
-    sae.init_b_dec_(x_ND[: bc.batch_size])
-    tcfg = TrainConfig(lr=bc.lr, batch_size=bc.batch_size, num_epochs=1, warmup_frac=0.0, min_lr_frac=1.0,
-                       checkpoint_every=10**9, log_every=10**9, wandb_mode="disabled", device=bc.device,
-                       dead_window_tokens=dead_window_tokens or 8 * bc.batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Trainer(sae, TensorBatches(x_ND, bc.batch_size), TensorBatches(val_ND, 4096, "val"), tcfg, Path(tmp) / "sae",
-                    Path(tmp) / "ck", save_sae, progress=False, perf=perf or PerfConfig(sparse_decoder=True, prefetch=0))
-        s = t.fit()
-    return {"status": "ok", "version": ghosttrack.__version__, "tokens_per_second": s["tokens_per_second"], "fvu": s["val_fvu"],
-            "seconds": s["train_seconds"]}
+def run_trainer(name: str, acts_file, spec: dict, timeout: int = 3600) -> dict:
+    """Train with `name` (ghosttrack or a peer) in its own interpreter on the shared activations; `{'status': 'ok',
+    tokens_per_second, fvu, dead_frac, curve, peak_mb, version}`, or the status and why not."""
+    if name == "ghosttrack": py, version, script = sys.executable, ghosttrack.__version__, GHOSTTRACK_SCRIPT
+    else:
+        py, version = peer_python(name)
+        if py is None: return {"status": "missing", "why": version}
+        script = {"saelens": SAELENS_SCRIPT, "sparsify": SPARSIFY_SCRIPT}[name]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+    r = subprocess.run([py, "-c", script, json.dumps({**spec, "acts": str(acts_file)})], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if r.returncode != 0:
+        return {"status": "failed", "version": version, "why": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"status": "ok", "version": version, "tokens_per_second": res["tokens"] / res["seconds"], **res}
+
+# %% ../../nbs/85_pipeline_bench.ipynb #2b11b93a
+def time_to_target(curve, target: float):
+    "Training seconds at which a `[seconds, tokens, fvu]` curve first reaches `fvu ≤ target`, or None."
+    prev = None
+    for s, _, f in curve:
+        if f <= target:
+            if prev is None or prev[1] == f: return s
+            return prev[0] + (s - prev[0]) * (prev[1] - target) / (prev[1] - f)
+        prev = (s, f)
+    return None
 
 # %% ../../nbs/85_pipeline_bench.ipynb #35f078e4
 def _model_and_source(bc: BenchConfig, d_model: int | None = None):
@@ -232,7 +329,7 @@ def bench_stream_vs_disk(model, source, hookpoints, num_tokens: int, bc: BenchCo
     scfg = SAEConfig(architecture="topk", k=bc.k, expansion_factor=bc.expansion)
     tcfg = TrainConfig(lr=bc.lr, batch_size=bc.batch_size, num_epochs=1, warmup_frac=0.0, min_lr_frac=1.0, checkpoint_every=10**9,
                        log_every=10**9, wandb_mode="disabled", device=bc.device)
-    perf, shard = PerfConfig(sparse_decoder=True), max(bc.batch_size * 2, 4096)
+    perf, shard = PerfConfig(sparse_decoder=True, encoder_dtype="auto"), max(bc.batch_size * 2, 4096)
     t0 = time.perf_counter()
     stores = extract_activations(model, source, hookpoints, root / "acts", num_tokens, 32, shard, progress=False, device=bc.device)
     disk = {h: train_sae(stores[h], scfg, tcfg, root / "disk" / h, root / "disk_ck" / h, progress=False, perf=perf) for h in hookpoints}
@@ -286,7 +383,7 @@ def scale_point(d: int, tokens: int, bc: dict) -> dict:
                        log_every=10**9, wandb_mode="disabled", device=bc.device)
     with tempfile.TemporaryDirectory() as tmp:
         s = Trainer(sae, train, val, tcfg, Path(tmp) / "sae", Path(tmp) / "ck", save_sae, progress=False,
-                    perf=PerfConfig(sparse_decoder=True)).fit()
+                    perf=PerfConfig(sparse_decoder=True, encoder_dtype="auto")).fit()
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.device(bc.device).type == "cuda"
             else peak_rss_mb())
     return {"d_in": d, "d_sae": d * bc.expansion, "tokens": tokens, "tokens_per_second": s["tokens_per_second"], "fvu": s["val_fvu"],
@@ -304,6 +401,82 @@ def bench_scaling(bc: BenchConfig) -> list:
     return out
 
 # %% ../../nbs/85_pipeline_bench.ipynb #31244bd8
+TRAINERS = ("ghosttrack", "saelens", "sparsify")
+
+VARIANTS = [("ghosttrack", "ghosttrack", {}),
+            ("ghosttrack (float32 encoder)", "ghosttrack", {"encoder_dtype": "float32"}),
+            ("ghosttrack (dense decoder)", "ghosttrack", {"sparse_decoder": False, "encoder_dtype": "float32"}),
+            ("ghosttrack (schedule-free AdamW, lr 1e-2)", "ghosttrack", {"optimizer": "adamw-schedulefree", "lr": 1e-2}),
+            ("saelens", "saelens", {}),
+            ("saelens (bf16 autocast)", "saelens", {"autocast": True}),
+            ("sparsify", "sparsify", {})]
+"""The shared recipe's runs: ghosttrack as recommended (sparse decoder, bf16 encoder forward where the hardware has
+it), what each of those buys, and the same with schedule-free AdamW at its own lr instead of AdamW; SAELens also with
+its own bf16 option, so neither side alone gets half precision."""
+
+def shape_bench(name: str, x_ND, train_tokens: int, expansion: int, bc: BenchConfig, peers, tmp, log=print,
+                dense: bool = False) -> dict:
+    "Every trainer and recipe on one shape of activations; runs, target FVU, time-to-target and speed ratios."
+    from safetensors.torch import save_file
+    d = x_ND.shape[1]
+    x_ND = x_ND[torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(0))]
+    acts = Path(tmp) / f"acts-{d}.safetensors"
+    save_file({"train": x_ND[:train_tokens].contiguous(), "val": x_ND[train_tokens:].contiguous()}, acts)
+    spec = {"d_sae": expansion * d, "k": bc.k, "batch_size": bc.batch_size, "lr": bc.lr, "threads": bc.threads, "device": bc.device,
+            "dead_window_tokens": 8 * bc.batch_size, "auxk_coefficient": 1 / 32, "points": bc.curve_points}
+    todo = [(label, t, "shared", extra) for label, t, extra in VARIANTS if dense or "dense" not in label] * ("shared" in bc.recipes)
+    todo += [(f"{t} (own defaults)", t, "own", {}) for t in TRAINERS] * ("own" in bc.recipes)
+    runs = {}
+    for label, trainer, recipe, extra in todo:
+        meta = {"trainer": trainer, "recipe": recipe, "variant": label != trainer and recipe == "shared"}
+        if trainer in PEERS and trainer not in peers: runs[label] = {"status": "skipped", "why": "--peers", **meta}; continue
+        log(f"train: {name}: {label}")
+        runs[label] = {**meta, **run_trainer(trainer, acts, {**spec, "recipe": recipe, **extra})}
+    ok = {k: r for k, r in runs.items() if r["status"] == "ok"}
+    ours = ok["ghosttrack"]
+    def best_peer(items):   # (final FVU, label) of the best peer run among `items`
+        return min(((r["fvu"], k) for k, r in items if r["trainer"] != "ghosttrack"), default=None)
+    overall = best_peer(ok.items())
+    target = overall[0] if overall else ours["fvu"]
+    targets = {rc: b[0] for rc in bc.recipes if (b := best_peer([(k, r) for k, r in ok.items() if r["recipe"] == rc]))}
+    for r in ok.values():
+        r["seconds_to_target"] = time_to_target(r["curve"], target)
+        r["seconds_to_recipe_target"] = time_to_target(r["curve"], targets[r["recipe"]]) if r["recipe"] in targets else None
+        r["ghosttrack_speed_ratio"] = ours["tokens_per_second"] / r["tokens_per_second"]
+    per_recipe = {}
+    for rc, t in targets.items():
+        mine = ok.get("ghosttrack" if rc == "shared" else "ghosttrack (own defaults)", {}).get("seconds_to_recipe_target")
+        theirs = min(((r["seconds_to_recipe_target"], k) for k, r in ok.items() if r["recipe"] == rc and r["trainer"] != "ghosttrack"
+                      and r["seconds_to_recipe_target"] is not None), default=None)
+        per_recipe[rc] = {"target_fvu": t, "ghosttrack_seconds": mine, "best_peer": theirs and theirs[1], "peer_seconds": theirs and theirs[0],
+                          "ratio": theirs[0] / mine if theirs and mine else None}
+    mine = [r["seconds_to_target"] for r in ok.values() if r["trainer"] == "ghosttrack" and r["seconds_to_target"] is not None]
+    peer_times = [(r["seconds_to_target"], k) for k, r in ok.items() if r["trainer"] != "ghosttrack" and r["seconds_to_target"] is not None]
+    fastest = min(peer_times, default=None)
+    return {"name": name, "status": "ok", "d_in": d, "d_sae": expansion * d, "k": bc.k, "train_tokens": train_tokens // bc.batch_size * bc.batch_size,
+            "val_tokens": len(x_ND) - train_tokens, "target_fvu": target, "runs": runs, "recipe_targets": per_recipe,
+            "best_peer_to_target": fastest[1] if fastest else None,
+            "time_to_target_ratio": fastest[0] / min(mine) if fastest and mine and min(mine) > 0 else None}
+
+# %% ../../nbs/85_pipeline_bench.ipynb #aa6d754f
+def demo_activations(bc: BenchConfig, log=print) -> torch.Tensor:
+    "`demo_tokens + demo_val_tokens` rows of the demo model's layer `demo_layer` on the stdlib corpus (cached)."
+    from ghosttrack.data.corpus import TokenSource, stdlib_corpus
+    from ghosttrack.data.models import cache_root, load_model
+    n = bc.demo_tokens + bc.demo_val_tokens
+    model, tok = load_model(bc.demo_model)
+    hp = layer_hookpoints(model, [bc.demo_layer])[0]
+    root = cache_root() / "bench" / f"{bc.demo_model}-layer{bc.demo_layer}-stdlib-py{platform.python_version()}-{n}"
+    log(f"demo activations: {n:,} tokens of {bc.demo_model} layer {bc.demo_layer} (once; cached in {root})")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))   # extraction is not what is measured: use every core
+    try: folder = extract_activations(model, TokenSource(stdlib_corpus(), tok, 128), [hp], root, n, 8, progress=True)[hp]
+    finally: torch.set_num_threads(threads)
+    x = load_hidden_states(folder)
+    if len(x) < n: raise ValueError(f"the stdlib corpus gave {len(x):,} of {n:,} demo tokens")
+    return x[:n]
+
+# %% ../../nbs/85_pipeline_bench.ipynb #392be868
 def machine_info(bc: BenchConfig) -> dict:
     "What the figures were measured on."
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -312,9 +485,36 @@ def machine_info(bc: BenchConfig) -> dict:
     if torch.device(bc.device).type == "cuda": info["gpu"] = torch.cuda.get_device_name()
     return info
 
+COLORS = {"ghosttrack": "C0", "saelens": "C1", "sparsify": "C2"}
+
+def plot_curves(res: dict, path=None):
+    """Held-out FVU against training seconds, one panel per shape: solid the shared recipe, dotted its variants,
+    dashed each trainer's own defaults."""
+    import matplotlib; import matplotlib.pyplot as plt
+    shapes = [s for s in res["train"] if s["status"] == "ok"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.2 * len(shapes), 3.8), squeeze=False)
+    for ax, s in zip(axes[0], shapes):
+        lo, hi = math.inf, 0.0
+        for label, r in s["runs"].items():
+            if r["status"] != "ok": continue
+            sec, _, fvu = zip(*r["curve"])
+            ls = "--" if r["recipe"] == "own" else ":" if r["variant"] else "-"
+            ax.plot(sec, fvu, ls=ls, color=COLORS[r["trainer"]], marker=".", label=label)
+            lo, hi = min(lo, min(fvu)), max(hi, fvu[1] if len(fvu) > 1 else fvu[0])
+        ax.axhline(s["target_fvu"], color="grey", lw=0.8, ls=":")
+        ax.set_ylim(0.9 * lo, min(1.05, 1.1 * hi))
+        ax.set(title=s["name"], xlabel="training seconds", ylabel="held-out FVU")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        if "ipykernel" not in sys.modules: matplotlib.use("Agg")
+        fig.savefig(path, dpi=120)
+    return fig
+
 def run_bench(bc: BenchConfig, out_dir, peers=("saelens", "sparsify"), log=print) -> dict:
-    "Every measurement of `ghosttrack bench`; writes `out_dir/bench.json` and returns what it wrote."
-    from safetensors.torch import save_file
+    "Every measurement of `ghosttrack bench`; writes `out_dir/bench.json` and `bench.png`, returns what it wrote."
+    from ghosttrack.data.corpus import CorpusUnavailable
+    from ghosttrack.data.models import ModelUnavailable
     torch.set_num_threads(bc.threads)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     res = {"config": dataclasses.asdict(bc), "machine": machine_info(bc)}
@@ -326,39 +526,49 @@ def run_bench(bc: BenchConfig, out_dir, peers=("saelens", "sparsify"), log=print
         log(f"extraction: {n:,} tokens, {len(hps)} hookpoints")
         res["extraction"] = bench_extraction(model, source, hps, n, tmp / "acts", device=bc.device)
         x = load_hidden_states(tmp / "acts" / hps[-1])[:n]
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
-        train, val = x[: bc.train_tokens].contiguous(), x[bc.train_tokens:].contiguous()
-        save_file({"train": train, "val": val}, tmp / "shared_acts.safetensors")
-        spec = {"d_sae": bc.expansion * bc.d_model, "k": bc.k, "batch_size": bc.batch_size, "lr": bc.lr, "threads": bc.threads,
-                "device": bc.device, "dead_window_tokens": 8 * bc.batch_size, "auxk_coefficient": 1 / 32}
-        res["train"] = {}
-        for name, fn in [("ghosttrack", lambda: train_ghosttrack(train, val, bc)),
-                         ("ghosttrack (dense decoder)", lambda: train_ghosttrack(train, val, bc, PerfConfig(prefetch=0)))] + \
-                        [(p, (lambda p=p: run_peer(p, tmp / "shared_acts.safetensors", spec))) for p in ("saelens", "sparsify")]:
-            if name in PEERS and name not in peers: res["train"][name] = {"status": "skipped", "why": "--peers"}; continue
-            log(f"train: {name}")
-            res["train"][name] = fn()
-        ours = res["train"]["ghosttrack"]["tokens_per_second"]
-        for name, r in res["train"].items():
-            if r.get("status") == "ok": r["ghosttrack_speed_ratio"] = ours / r["tokens_per_second"]
+        res["train"] = [shape_bench(f"random tiny GPT-2, d_in {bc.d_model}, {bc.expansion}×", x, bc.train_tokens, bc.expansion, bc,
+                                    peers, tmp, log, dense=True)]
+        if bc.demo_widths:
+            try: xd = demo_activations(bc, log)
+            except (ModelUnavailable, CorpusUnavailable, ValueError) as e:
+                res["train"].append({"name": f"{bc.demo_model} layer {bc.demo_layer}", "status": "skipped", "why": str(e)})
+            else:
+                for w in bc.demo_widths:
+                    res["train"].append(shape_bench(f"{bc.demo_model} layer {bc.demo_layer}, d_in {xd.shape[1]}, {w}×", xd,
+                                                    bc.demo_tokens, w, bc, peers, tmp, log))
         log(f"streaming vs disk: {bc.stream_tokens:,} tokens, {len(hps)} hookpoints")
         res["stream_vs_disk"] = bench_stream_vs_disk(model, source, hps, bc.stream_tokens, bc, tmp / "svd")
     log("scaling")
     res["scaling"] = bench_scaling(bc)
     save_json(res, out_dir / "bench.json")
+    import matplotlib.pyplot as plt
+    plt.close(plot_curves(res, out_dir / "bench.png"))
     return res
+
+def _seconds(s) -> str: return "never" if s is None else f"{s:.2f} s"
 
 def format_report(res: dict) -> str:
     "The tables `ghosttrack bench` prints."
     m, c = res["machine"], res["config"]
     lines = [f"ghosttrack bench — {m['device']}{' ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}, {m['torch_threads']} thread(s), "
-             f"{m['cpu_count']} cpu(s)",
-             f"SAE: TopK k={c['k']}, width {c['expansion']}×{c['d_model']}, batch {c['batch_size']}, {c['train_tokens']:,} training tokens, lr {c['lr']}", "",
-             f"{'trainer':<28}{'version':<12}{'tokens/s':>12}{'FVU':>9}{'ghosttrack ÷':>14}"]
-    for name, r in res["train"].items():
-        if r.get("status") == "ok":
-            lines.append(f"{name:<28}{r['version']:<12}{r['tokens_per_second']:>12,.0f}{r['fvu']:>9.4f}{r['ghosttrack_speed_ratio']:>13.2f}×")
-        else: lines.append(f"{name:<28}{r.get('status')}: {r.get('why', '')}")
+             f"{m['cpu_count']} cpu(s)"]
+    for s in res["train"]:
+        lines.append("")
+        if s["status"] != "ok": lines.append(f"{s['name']}: {s['status']}: {s['why']}"); continue
+        lines += [f"{s['name']}: TopK k={s['k']}, {s['d_in']} → {s['d_sae']} latents, batch {c['batch_size']}, {s['train_tokens']:,} training "
+                  f"tokens (shared recipe: lr {c['lr']}); target FVU per recipe: the best peer's "
+                  + ", ".join(f"{rc} {t['target_fvu']:.4f}" for rc, t in s["recipe_targets"].items()),
+                  f"{'trainer':<44}{'version':<10}{'tokens/s':>10}{'FVU':>8}{'dead %':>8}{'peak MB':>9}{'to target':>11}{'to best':>9}"
+                  f"{'ghosttrack ÷':>14}"]
+        for name, r in s["runs"].items():
+            if r["status"] == "ok":
+                lines.append(f"{name:<44}{r['version']:<10}{r['tokens_per_second']:>10,.0f}{r['fvu']:>8.4f}{100 * r['dead_frac']:>8.1f}"
+                             f"{r['peak_mb']:>9.0f}{_seconds(r['seconds_to_recipe_target']):>11}{_seconds(r['seconds_to_target']):>9}"
+                             f"{r['ghosttrack_speed_ratio']:>13.2f}×")
+            else: lines.append(f"{name:<44}{r['status']}: {r.get('why', '')}")
+        for rc, t in s["recipe_targets"].items():
+            lines.append(f"time to the {rc} target {t['target_fvu']:.4f}: ghosttrack {_seconds(t['ghosttrack_seconds'])}, best peer "
+                         f"{_seconds(t['peer_seconds'])} ({t['best_peer']})" + (f": {t['ratio']:.2f}× faster" if t["ratio"] else ""))
     e = res["extraction"]
     lines += ["", f"extraction ({e['hookpoints']} hookpoints): bare forward {e['bare_forward_tokens_per_second']:,.0f} tok/s, "
                   f"into the store {e['extract_tokens_per_second']:,.0f} tok/s (×{e['overhead']:.2f} the forward time)"]

@@ -8,14 +8,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
-from ..core.io import load_json, save_json, sha256_file
+from ..core.io import check_overwrite, load_json, save_json, sha256_file
 from ..core.run_config import RunConfig
 from ..data.corpus import TokenSource, make_corpus
-from ..data.models import layer_hookpoints, load_model, max_positions, model_name
-from ..data.store import hook_dirname, extract_activations
-from ..dictionaries.evaluate import spliced_lm_metrics
-from ..dictionaries.sae import SAE_WEIGHTS_FILENAME, load_sae
+from ..data.models import check_same_model, layer_hookpoints, load_model, max_positions, model_name
+from ..data.store import ActivationDataset, hook_dirname, extract_activations
+from ..dictionaries.clt import CLTMixin
+from ..dictionaries.evaluate import evaluate_sae, spliced_lm_metrics
+from ..dictionaries.formats import CT_CONFIG, detect_layout, load_dictionaries
+from ..dictionaries.sae import SAE, SAE_WEIGHTS_FILENAME, load_sae
 from ..dictionaries.stream import stream_train_saes
 from ..dictionaries.trainer import train_sae
 from ..tsp.policy import load_policy
@@ -30,7 +35,8 @@ from ..tsp.train import tsp_instances
 
 # %% auto #0
 __all__ = ['log', 'LM_METRICS', 'token_source', 'load_run_model', 'run_source', 'held_out_rows', 'check_context_len',
-           'run_extract', 'run_train', 'run_lm_eval', 'summary_table', 'stream_train']
+           'run_extract', 'run_train', 'run_lm_eval', 'EvaluateOptions', 'evaluate_dictionaries', 'summary_table',
+           'stream_train']
 
 # %% ../../nbs/80_pipeline_run.ipynb #28089abb
 def token_source(cfg: RunConfig, tokenizer):
@@ -111,6 +117,60 @@ def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None, 
         out[hp] = spliced_lm_metrics(model, sae, hp, rows, batch_size=cfg.extract.batch_size) | {"eval_rows": len(rows), "measured": measured}
         save_json(out[hp], folder / "lm_eval.json")
     return out
+
+# %% ../../nbs/80_pipeline_run.ipynb #d8a56197
+@dataclass
+class EvaluateOptions:
+    "What `ghosttrack evaluate` measures (its flags besides the run folder)."
+    dictionaries: list[str] = field(default=None, metadata={"flags": ("--dictionary",)})
+    "SAE folders trained elsewhere to measure on this run's model and rows instead of the run's own, in any layout `ghosttrack convert` reads (ghosttrack, SAELens, sparsify); repeat for several"
+    eval_rows: Optional[int] = None
+    "held-out token rows for the spliced next-token loss (default: the run's eval_rows; 0: reconstruction only)"
+
+def _external_saes(cfg: RunConfig, folders, overwrite: bool) -> dict:
+    "`{name: (folder, layout, {dictionary name: SAE}, eval.json path)}` of `folders`, each checked against the run."
+    plan = {}
+    for f in map(Path, folders):
+        name = f.resolve().name
+        if name in plan: raise ValueError(f"--dictionary {plan[name][0]} and {f} share the name {name!r}, and results go to "
+                                          f"evaluate/external/<name>; rename one of the folders")
+        saes = load_dictionaries(f)
+        for n, d in saes.items():
+            if isinstance(d, CLTMixin) or not isinstance(d, SAE): raise ValueError(f"{f}: {n} is a transcoder; evaluate --dictionary measures SAEs (train-clt evaluates transcoders)")
+            hp = d.cfg.hook_name
+            if not hp: raise ValueError(f"{f}: {n} does not say which hookpoint it reads (no hook_name in its config)")
+            if not (activations_dir(cfg) / hook_dirname(hp) / "manifest.json").exists():
+                raise FileNotFoundError(f"{f}: {n} reads {hp}, for which the run has no activation store under {activations_dir(cfg)}; "
+                                        f"extract it first (ghosttrack extract --run-dir {cfg.run_path} --hookpoints {hp})")
+        out = cfg.run_path / "evaluate" / "external" / name / "eval.json"
+        check_overwrite(out, out.exists(), overwrite, f"the evaluation of {f}")
+        one = (f / "cfg.json").exists() or (f / CT_CONFIG).exists()
+        plan[name] = (f, detect_layout(f) if one else "a folder of dictionaries", saes, out)
+    return plan
+
+def evaluate_dictionaries(cfg: RunConfig, folders, model=None, tokenizer=None, overwrite: bool = False) -> dict:
+    """Measure the SAEs of dictionary folders `folders` (any layout) on the run's model and rows as the run's own are
+    measured (see above); writes `evaluate/external/<folder name>/eval.json` per folder, only when all are measured.
+    Returns `{folder name: {dictionary, layout, results: {dictionary name: metrics}}}`."""
+    if cfg.tsp: raise ValueError("evaluate --dictionary measures SAEs of a language-model run; a TSP run evaluates its own dictionaries")
+    plan = _external_saes(cfg, folders, overwrite)
+    if model is None: model, tokenizer = load_run_model(cfg)
+    identity, device = model_name(model), cfg.extract.device
+    for f, _, saes, _ in plan.values():
+        for n, d in saes.items(): check_same_model(d.cfg.model_name, identity, f"the SAE {n} of {f}")
+    rows = held_out_rows(cfg, token_source(cfg, tokenizer), cfg.eval_rows)
+    if rows is None and cfg.eval_rows: log.warning("no held-out text left after the rows used for extraction; measuring reconstruction only")
+    res = {}
+    for name, (f, layout, saes, out) in plan.items():
+        results = {}
+        for n, sae in saes.items():
+            sae, hp = sae.to(device).eval(), sae.cfg.hook_name
+            val = ActivationDataset(activations_dir(cfg) / hook_dirname(hp), 4096, "val", cfg.train.val_fraction, verify=False)
+            lm = {} if rows is None else spliced_lm_metrics(model, sae, hp, rows, batch_size=cfg.extract.batch_size) | {"eval_rows": len(rows)}
+            results[n] = {"hookpoint": hp, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, **evaluate_sae(sae, val.batches()), **lm}
+        res[name] = {"dictionary": str(f.resolve()), "layout": layout, "metrics": LM_METRICS, "results": results}
+    for name, (*_, out) in plan.items(): save_json(res[name], out)
+    return res
 
 # %% ../../nbs/80_pipeline_run.ipynb #19ae984f
 def summary_table(res: dict) -> str:

@@ -160,7 +160,8 @@ def track_stage(cfg: RunConfig, overwrite: bool = False, progress: bool = True) 
     "Score TruthfulQA answers for hallucination with the run's SAEs (and transcoders)."
     t = cfg.track
     return track_truthfulqa(cfg.run_path, t.questions or None, t.max_questions or None, 0, cfg.extract.layers, t.top_k,
-                            t.threshold, t.method, overwrite=overwrite, progress=progress)
+                            t.threshold, t.method, overwrite=overwrite, progress=progress, own_answers=t.own_answers,
+                            n_samples=t.n_samples, max_new_tokens=t.max_new_tokens, measure=t.measure, explain=t.explain)
 
 @stage("attribute", "63_attribution_run.ipynb", "attribution graphs of the configured prompts (or TSP instances)",
        needs=lambda cfg: ["clt"] if cfg.clt.pairs else ["train"])

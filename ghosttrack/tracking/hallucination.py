@@ -11,6 +11,7 @@ import logging
 import re
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
@@ -28,8 +29,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'auroc', 'split_by_question',
            'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items', 'qa_prompt',
-           'score_answer', 'text_features', 'subsample', 'score_items', 'univariate_auroc', 'compare_detectors',
-           'format_report', 'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
+           'score_answer', 'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors',
+           'compare_detectors', 'format_report', 'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #c037e28a
 def auroc(scores, labels) -> float:
@@ -216,9 +217,22 @@ def univariate_auroc(X_NF, y_N) -> np.ndarray:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     return (ranks_NF[y].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
-def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Fit the `DETECTORS` on the `train` rows, choose their hyperparameters on `val`, report on `test` with
-    question-level bootstrap intervals and the `PAIRS` paired tests; adds `p_<detector>` to every row."""
+@dataclass
+class Fitted:
+    "A detector fitted on the train rows, its hyperparameters chosen on val, with the inputs it reads for every row."
+    model: Logistic
+    params: dict
+    "hyperparameters chosen on val (threshold, layer, k)"
+    val_auroc: float
+    X_NF: np.ndarray
+    "its inputs, one row per item"
+    inputs: list
+    "name of each column of `X_NF` (the columns of one residual block share a name)"
+    latents: list | None = None
+    "(layer, pooling, feature id) of each column, when the columns are SAE latents (the sparse probe)"
+
+def _split_rows(rows: list) -> tuple:
+    "`(idx, y)`: row indices of each split and the labels; every split must hold true and false answers."
     idx = {s: np.array([i for i, r in enumerate(rows) if r["split"] == s], dtype=int) for s in SPLITS}
     y = np.array([int(r["label"]) for r in rows])
     for s in SPLITS:
@@ -226,30 +240,60 @@ def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 
         if not 0 < n_false < len(idx[s]):
             raise ValueError(f"the {s} split has {n_false} false answers of {len(idx[s])}; every split needs true and false "
                              "answers (use more questions, or more samples per question)")
+    return idx, y
+
+def _sae_column(f: int, arrays: dict) -> tuple:
+    "`(layer, pooling, feature id)` of column `f` of `sae_NF` (layer by layer: mean over d_sae, then max)."
+    d_sae = arrays["sae_NF"].shape[1] // (2 * len(arrays["sae_layers"]))
+    block, fid = divmod(f, d_sae)
+    return arrays["sae_layers"][block // 2], ("mean", "max")[block % 2], fid
+
+def _sae_feature(f: int, arrays: dict) -> str:
+    "Name of column `f` of `sae_NF`: layer, pooling and feature id, e.g. `L9 max #301`."
+    layer, pool, fid = _sae_column(f, arrays)
+    return f"L{layer} {pool} #{fid}"
+
+def fit_detectors(rows: list, arrays: dict) -> dict:
+    "`{detector: Fitted}` for the `DETECTORS`: each fitted on the `train` rows, every hyperparameter chosen on `val`."
+    idx, y = _split_rows(rows)
     resid_NLD, stats_NGS, grid = arrays["resid_NLD"], arrays["stats_NGS"], arrays["thresholds"]
-    own = grid.index(arrays["threshold"])
+    own, D = grid.index(arrays["threshold"]), resid_NLD.shape[2]
     sae_NF = np.asarray(arrays["sae_NF"], dtype=np.float64)
     uni_F = np.abs(univariate_auroc(sae_NF[idx["train"]], y[idx["train"]]) - 0.5)
     order_F = np.argsort(-uni_F, kind="stable")
     probe_l2s = (1e-2, 1e-1, 1.0)
+    def resid(params): return [f"resid L{params['layer']}"] * D
     fits = {}
-    fits["tracker"] = _choose([({"threshold": grid[own]}, stats_NGS[:, own])], y, idx)
-    fits["tracker_tuned"] = _choose([({"threshold": th}, stats_NGS[:, g]) for g, th in enumerate(grid)], y, idx)
-    fits["logprob"] = _choose([({}, np.array([[r["mean_logprob"]] for r in rows]))], y, idx)
-    fits["text"] = _choose([({}, np.array([text_features(r["question"], r["answer"], r["answer_tokens"]) for r in rows]))], y, idx)
-    fits["probe_all_layers"] = _choose([({"layer": l}, resid_NLD[:, l].numpy()) for l in range(resid_NLD.shape[1])], y, idx, probe_l2s)
-    fits["probe_tracker_layers"] = _choose([({"layer": l}, resid_NLD[:, l].numpy()) for l in arrays["sae_layers"]], y, idx, probe_l2s)
+    fits["tracker"] = Fitted(*_choose([({"threshold": grid[own]}, stats_NGS[:, own])], y, idx), list(STAT_NAMES))
+    fits["tracker_tuned"] = Fitted(*_choose([({"threshold": th}, stats_NGS[:, g]) for g, th in enumerate(grid)], y, idx), list(STAT_NAMES))
+    fits["logprob"] = Fitted(*_choose([({}, np.array([[r["mean_logprob"]] for r in rows]))], y, idx), ["mean_logprob"])
+    fits["text"] = Fitted(*_choose([({}, np.array([text_features(r["question"], r["answer"], r["answer_tokens"]) for r in rows]))], y, idx),
+                          list(TEXT_FEATURES))
+    for name, layers in (("probe_all_layers", range(resid_NLD.shape[1])), ("probe_tracker_layers", arrays["sae_layers"])):
+        m, params, val, X_NF = _choose([({"layer": l}, resid_NLD[:, l].numpy()) for l in layers], y, idx, probe_l2s)
+        fits[name] = Fitted(m, params, val, X_NF, resid(params))
     ks = sorted({min(k, sae_NF.shape[1]) for k in SPARSE_K})
-    fits["sparse_probe"] = _choose([({"k": k}, sae_NF[:, order_F[:k]]) for k in ks], y, idx, probe_l2s)
-    th, layer = fits["tracker_tuned"][1]["threshold"], fits["probe_all_layers"][1]["layer"]
+    m, params, val, X_NF = _choose([({"k": k}, sae_NF[:, order_F[:k]]) for k in ks], y, idx, probe_l2s)
+    cols = order_F[:params["k"]].tolist()
+    fits["sparse_probe"] = Fitted(m, params, val, X_NF, [_sae_feature(f, arrays) for f in cols], [_sae_column(f, arrays) for f in cols])
+    th, layer = fits["tracker_tuned"].params["threshold"], fits["probe_all_layers"].params["layer"]
     both = np.concatenate([stats_NGS[:, grid.index(th)], resid_NLD[:, layer].numpy()], axis=1)
-    fits["tracks+probe"] = _choose([({"threshold": th, "layer": layer}, both)], y, idx, probe_l2s)
+    fits["tracks+probe"] = Fitted(*_choose([({"threshold": th, "layer": layer}, both)], y, idx, probe_l2s),
+                                  list(STAT_NAMES) + resid({"layer": layer}))
+    return fits
+
+def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 0, fits: dict | None = None) -> dict:
+    """Fit the `DETECTORS` on the `train` rows, choose their hyperparameters on `val` (or take `fits` from
+    `fit_detectors`), report on `test` with question-level bootstrap intervals and the `PAIRS` paired tests; adds
+    `p_<detector>` to every row."""
+    idx, y = _split_rows(rows)
+    fits = fits or fit_detectors(rows, arrays)
     report = {}
     for name in DETECTORS:
-        m, params, val_auc, X_NF = fits[name]
-        for r, p in zip(rows, m.predict_proba(X_NF)): r[f"p_{name}"] = float(p)
-        report[name] = {"val_auroc": val_auc, "l2": m.l2, **params}
-    report["sparse_probe"]["features"] = [_sae_feature(int(f), arrays) for f in order_F[:report["sparse_probe"]["k"]][:10]]
+        f = fits[name]
+        for r, p in zip(rows, f.model.predict_proba(f.X_NF)): r[f"p_{name}"] = float(p)
+        report[name] = {"val_auroc": f.val_auroc, "l2": f.model.l2, **f.params}
+    report["sparse_probe"]["features"] = fits["sparse_probe"].inputs[:10]
     test = [rows[i] for i in idx["test"]]
     y_N, q_N = np.array([int(r["label"]) for r in test]), [r["question"] for r in test]
     p = {name: np.array([r[f"p_{name}"] for r in test]) for name in DETECTORS}
@@ -262,12 +306,6 @@ def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 
     report["sizes"] = {s: {"questions": len({rows[i]["question"] for i in idx[s]}), "items": len(idx[s]),
                            "false": int(y[idx[s]].sum())} for s in SPLITS}
     return report
-
-def _sae_feature(f: int, arrays: dict) -> str:
-    "Name of column `f` of `sae_NF`: layer, pooling and feature id, e.g. `L9 max #301`."
-    d_sae = arrays["sae_NF"].shape[1] // (2 * len(arrays["sae_layers"]))
-    block, fid = divmod(f, d_sae)
-    return f"L{arrays['sae_layers'][block // 2]} {('mean', 'max')[block % 2]} #{fid}"
 
 def format_report(report: dict) -> str:
     "The detectors and paired tests of a `compare_detectors` report as aligned text lines."
@@ -284,13 +322,15 @@ def format_report(report: dict) -> str:
 
 def evaluate_truthfulqa(model, tokenizer, saes: dict, splits: dict, tracker: HypothesisTracker | None = None,
                         top_k: int = 16, n_incorrect: int = 1, progress: bool = True, n_boot: int = 1000, seed: int = 0) -> tuple:
-    "The reference-answer task: score, fit and compare the detectors on TruthfulQA's answers; returns `(rows, report)`."
+    """The reference-answer task: score, fit and compare the detectors on TruthfulQA's answers; returns `(rows, report,
+    fits)` (`fits` from `fit_detectors`, for `explain_flagged`)."""
     t0 = time.time()
     items = [{"split": s, **it} for s in SPLITS for it in truthfulqa_items(splits[s], n_incorrect)]
     rows, arrays = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
-    report = compare_detectors(rows, arrays, n_boot, seed)
+    fits = fit_detectors(rows, arrays)
+    report = compare_detectors(rows, arrays, n_boot, seed, fits)
     report["sae_layers"], report["seconds"] = sorted(saes), time.time() - t0
-    return rows, report
+    return rows, report, fits
 
 
 def save_scores_csv(rows: list, path) -> Path:

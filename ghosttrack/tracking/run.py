@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..core.io import atomic_path, check_overwrite, save_json
-from ..core.runfolder import load_run_config, run_saes
+from ..core.config import parse_layers
+from ..core.runfolder import layer_of, load_run_config, run_saes
 from ..data.corpus import load_truthfulqa
 from ..data.models import check_same_model, load_model, model_name
-from ..dictionaries.sae import load_sae
+from ..dictionaries.sae import SAE, load_sae
+from ..interpret.run import foreign_saes
 from .answers import answer_and_label, evaluate_own_answers, save_generations_csv
+from .explain import EXPLAINED, describe, explain_flagged, save_explanations
 from .hallucination import evaluate_truthfulqa, plot_calibration, save_scores_csv, subsample
-from .tracker import HypothesisTracker, clt_edge_fn, find_clts, feature_labeler, label_tracks, plot_tracks, prompt_features
+from .tracker import (HypothesisTracker, clt_edge_fn, find_clts, feature_info, feature_labeler, label_tracks,
+                                         plot_tracks, prompt_features)
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +56,34 @@ class TrackOptions:
     "similarity that labels an answer true or false: BLEU or ROUGE-L, as in the TruthfulQA paper (--own-answers)"
     bootstrap: int = 1000
     "bootstrap resamples of test questions for AUROC intervals and paired tests"
+    explain: int = 5
+    "with --truthfulqa: explain the N test answers each tracks-based detector flags most strongly (0: none)"
+    dictionaries: list[str] = dataclasses.field(default=None, metadata={"flags": ("--dictionary",)})
+    "SAE folders to track instead of the run's, in any layout `ghosttrack convert` reads (ghosttrack, SAELens, sparsify); repeat for several"
 
 # %% auto #0
 __all__ = ['log', 'TrackOptions', 'load_run', 'run_tracker', 'track_prompt', 'track_truthfulqa']
 
 # %% ../../nbs/72_tracking_run.ipynb #9b0d449e
-def load_run(run_dir, layers=None, device: str | None = None) -> tuple:
-    "`(model, tokenizer, {layer: SAE})` of a finished run folder (residual-stream SAEs of `layers`, default all)."
+def load_run(run_dir, layers=None, device: str | None = None, dictionaries=None) -> tuple:
+    """`(model, tokenizer, {layer: SAE})` of a finished run folder: its residual-stream SAEs of `layers` (default all),
+    or those of the SAE folders `dictionaries` (any layout `load_dictionaries` reads: SAEs trained elsewhere)."""
     run, cfg = Path(run_dir), load_run_config(run_dir)
     device = device or cfg.extract.device
-    found = {hp: f for hp, f in run_saes(cfg, layers).items() if hp.startswith("blocks.") and hp.endswith("hook_resid_post")}
-    if not found: raise FileNotFoundError(f"no residual-stream SAEs (blocks.N.hook_resid_post) under {run / 'saes'}; tracking needs one per layer")
+    found = foreign_saes(dictionaries) if dictionaries else run_saes(cfg, layers)
+    found = {hp: f for hp, f in found.items() if hp.startswith("blocks.") and hp.endswith("hook_resid_post")}
+    where = ", ".join(map(str, dictionaries)) if dictionaries else run / "saes"
+    if not found: raise FileNotFoundError(f"no residual-stream SAEs (blocks.N.hook_resid_post) in {where}; tracking needs one per layer")
+    if dictionaries and layers not in (None, "", []):
+        want = parse_layers(layers)
+        missing = sorted(set(want) - {layer_of(hp) for hp in found})
+        if missing: raise FileNotFoundError(f"no SAE for layers {missing} in {where}; it holds {', '.join(found)}")
+        found = {hp: f for hp, f in found.items() if layer_of(hp) in want}
     model, tok = load_model(cfg.extract.model, device=device)
-    saes = {int(hp.split(".")[1]): load_sae(f, device=device) for hp, f in found.items()}
+    saes = {layer_of(hp): f.to(device).eval() if isinstance(f, SAE) else load_sae(f, device=device) for hp, f in found.items()}
     identity = model_name(model)
-    for sae, f in zip(saes.values(), found.values()): check_same_model(sae.cfg.model_name, identity, f"the SAE at {f}")
+    for (hp, f), sae in zip(found.items(), saes.values()):
+        check_same_model(sae.cfg.model_name, identity, f"the SAE of {hp}" if isinstance(f, SAE) else f"the SAE at {f}")
     return model, tok, saes
 
 def run_tracker(run_dir, threshold: float, method: str, device="cpu"):
@@ -76,13 +93,14 @@ def run_tracker(run_dir, threshold: float, method: str, device="cpu"):
     return tracker, [f"clt_L{a}_to_L{b}" for a, b in sorted(clts)]
 
 def track_prompt(run_dir, prompt: str, answer: str | None = None, layers=None, top_k: int = 16, threshold: float = 0.5,
-                 method: str = "hungarian", device: str | None = None, overwrite: bool = False) -> dict:
-    "Track one prompt(+answer) through the run's SAEs; writes `tracking/tracks.json` and `tracking/tracks.png`."
+                 method: str = "hungarian", device: str | None = None, overwrite: bool = False, dictionaries=None) -> dict:
+    """Track one prompt(+answer) through the run's SAEs (or those of the folders `dictionaries`); writes
+    `tracking/tracks.json` and `tracking/tracks.png`."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out = Path(run_dir) / "tracking"
     check_overwrite(out / "tracks.json", (out / "tracks.json").exists(), overwrite, "tracks")
-    model, tok, saes = load_run(run_dir, layers, device)
+    model, tok, saes = load_run(run_dir, layers, device, dictionaries)
     feats = prompt_features(model, tok, saes, prompt, answer, top_k)
     label = feature_labeler(saes, tok, model.get_output_embeddings().weight.detach(), run_dir)
     tracker, clt_pairs = run_tracker(run_dir, threshold, method, device or next(model.parameters()).device)
@@ -106,20 +124,27 @@ def _save_calibration(rows, path):
 def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed: int = 0, layers=None, top_k: int = 16,
                      threshold: float = 0.5, method: str = "hungarian", device: str | None = None, overwrite: bool = False,
                      progress: bool = True, own_answers: bool = False, n_samples: int = 4, max_new_tokens: int = 48,
-                     primer: bool = True, measure: str = "bleu", bootstrap: int = 1000) -> dict:
+                     primer: bool = True, measure: str = "bleu", bootstrap: int = 1000, explain: int = 5, dictionaries=None) -> dict:
     """The `DETECTORS` of `compare_detectors` (tracker, log-prob, text, residual and sparse SAE probes) on TruthfulQA's
     reference answers; writes `tracking/truthfulqa_scores.csv`, `tracking/calibration.png` and `tracking/auroc.json`
-    (test AUROC with question-level bootstrap intervals and paired tests). With `own_answers`, also on the model's own answers: `tracking/generations.csv` (answers and
+    (test AUROC with question-level bootstrap intervals and paired tests), and with `explain` > 0 why the `EXPLAINED`
+    detectors flag their `explain` most suspect test answers: `tracking/explanations.json`, `.md` and `.png`. The SAEs are
+    the run's, or those of the folders `dictionaries`. With `own_answers`, also on the model's own answers: `tracking/generations.csv` (answers and
     labels), `tracking/own_answers_scores.csv`, `tracking/own_answers_calibration.png` and the `own_answers` entry of
     `auroc.json`. Returns the contents of `auroc.json`."""
     out = Path(run_dir) / "tracking"
     check_overwrite(out / "auroc.json", (out / "auroc.json").exists(), overwrite, "TruthfulQA scores")
-    model, tok, saes = load_run(run_dir, layers, device)
+    model, tok, saes = load_run(run_dir, layers, device, dictionaries)
     splits = subsample(load_truthfulqa(path, seed=seed), max_questions, seed)
     tracker, clt_pairs = run_tracker(run_dir, threshold, method, device or next(model.parameters()).device)
-    rows, report = evaluate_truthfulqa(model, tok, saes, splits, tracker, top_k, progress=progress, n_boot=bootstrap, seed=seed)
+    rows, report, fits = evaluate_truthfulqa(model, tok, saes, splits, tracker, top_k, progress=progress, n_boot=bootstrap, seed=seed)
     report.update(task="reference answers", data=str(path) if path else "ghosttrack:truthfulqa/TruthfulQA.csv", seed=seed,
-                  top_k=top_k, threshold=threshold, method=method, clt_edges=clt_pairs)
+                  top_k=top_k, threshold=threshold, method=method, clt_edges=clt_pairs,
+                  dictionaries=[str(d) for d in dictionaries] if dictionaries else None)
+    if explain:
+        info = feature_info(saes, tok, model.get_output_embeddings().weight.detach(), run_dir)
+        expl = describe(explain_flagged(rows, fits, n_answers=explain), model, tok, saes, tracker, info, top_k)
+        report["explanations"] = {"detectors": list(EXPLAINED), "answers": explain, **save_explanations(expl, out)}
     save_scores_csv(rows, out / "truthfulqa_scores.csv")
     _save_calibration(rows, out / "calibration.png")
     if own_answers:

@@ -22,7 +22,7 @@ from ..interpret.features import load_features
 # %% auto #0
 __all__ = ['MIN_COACT_POSITIONS', 'STAT_NAMES', 'LayerFeatures', 'select_features', 'answer_positions', 'prompt_features',
            'association_scores', 'match', 'Track', 'TrackResult', 'HypothesisTracker', 'track_statistics',
-           'feature_labeler', 'label_tracks', 'plot_tracks', 'clt_write', 'clt_edge_fn', 'find_clts']
+           'feature_info', 'feature_labeler', 'label_tracks', 'plot_tracks', 'clt_write', 'clt_edge_fn', 'find_clts']
 
 # %% ../../nbs/70_tracking_tracker.ipynb #9315f880
 @dataclass
@@ -230,20 +230,38 @@ def track_statistics(res: TrackResult) -> dict:
             "mean_length": float(np.mean([t.length for t in res.tracks])) if res.tracks else 0.0}
 
 # %% ../../nbs/70_tracking_tracker.ipynb #a04d9901
-def feature_labeler(saes: dict, tokenizer, W_U_VD: torch.Tensor | None = None, run_dir=None, n_tokens: int = 3) -> Callable:
-    "`label(layer, feature_id) -> str` from interpretation when present, else from the unembedding."
+def _marked(example: dict) -> str:
+    "An interpret example's text with the token the feature fired on in [[ ]]."
+    toks, h = example["tokens"], example["hit"]
+    return "".join(toks[:h]) + "[[" + toks[h] + "]]" + "".join(toks[h + 1:])
+
+def feature_info(saes: dict, tokenizer, W_U_VD: torch.Tensor | None = None, run_dir=None, n_tokens: int = 3,
+                 n_examples: int = 3) -> Callable:
+    """`info(layer, feature_id) -> dict`: the feature's `label` and `tokens` (its most common tokens from interpretation
+    when present, else the tokens its decoder promotes through the unembedding), their `source`, and its top `examples`
+    (text with the firing token in [[ ]], and activation) when the run has been interpreted."""
     interpreted = {}
     for layer, sae in saes.items():
         p = Path(run_dir) / "interpret" / hook_dirname(sae.cfg.hook_name) / "features.json" if run_dir else None
         if p is not None and p.exists():
             interpreted[layer] = {r["feature_id"]: r for r in load_features(p)["features"]}
-    def label(layer: int, fid: int) -> str:
+    def info(layer: int, fid: int) -> dict:
         rec = interpreted.get(layer, {}).get(fid)
-        if rec and rec.get("common_tokens"): return " | ".join(repr(t)[1:-1] for t, *_ in rec["common_tokens"][:n_tokens])
-        if W_U_VD is None: return f"L{layer}#{fid}"
-        logits_V = W_U_VD.float() @ saes[layer].W_dec_FD[fid].detach().float().to(W_U_VD.device)
-        return " | ".join(repr(tokenizer.decode([int(i)]))[1:-1] for i in logits_V.topk(n_tokens).indices)
-    return label
+        if rec and rec.get("common_tokens"):
+            toks, source = [t for t, *_ in rec["common_tokens"][:n_tokens]], "interpret"
+        elif W_U_VD is None: toks, source = [], "none"
+        else:
+            logits_V = W_U_VD.float() @ saes[layer].W_dec_FD[fid].detach().float().to(W_U_VD.device)
+            toks, source = [tokenizer.decode([int(i)]) for i in logits_V.topk(n_tokens).indices], "unembedding"
+        examples = [{"text": _marked(e), "activation": e["activation"]} for e in (rec or {}).get("top_examples", [])[:n_examples]]
+        label = " | ".join(repr(t)[1:-1] for t in toks) or f"L{layer}#{fid}"
+        return {"label": label, "tokens": toks, "source": source, "examples": examples}
+    return info
+
+def feature_labeler(saes: dict, tokenizer, W_U_VD: torch.Tensor | None = None, run_dir=None, n_tokens: int = 3) -> Callable:
+    "`label(layer, feature_id) -> str` from interpretation when present, else from the unembedding (see `feature_info`)."
+    info = feature_info(saes, tokenizer, W_U_VD, run_dir, n_tokens, n_examples=0)
+    return lambda layer, fid: info(layer, fid)["label"]
 
 def label_tracks(res: TrackResult, label: Callable) -> TrackResult:
     "Name each track by the feature at its strongest layer."
