@@ -23,7 +23,8 @@ import ghosttrack
 
 from ..core.config import SAEConfig, TrainConfig
 from ..core.io import save_json
-from ..data.models import tiny_gpt2, layer_hookpoints
+from ..data.corpus import CorpusUnavailable, TokenSource, stdlib_corpus
+from ..data.models import ModelUnavailable, cache_root, load_model, tiny_gpt2, layer_hookpoints
 from ..data.store import RandomTokens, extract_activations, load_hidden_states
 from ..dictionaries.sae import make_sae, save_sae
 from ..dictionaries.stream import stream_train_saes
@@ -461,8 +462,6 @@ def shape_bench(name: str, x_ND, train_tokens: int, expansion: int, bc: BenchCon
 # %% ../../nbs/85_pipeline_bench.ipynb #aa6d754f
 def demo_activations(bc: BenchConfig, log=print) -> torch.Tensor:
     "`demo_tokens + demo_val_tokens` rows of the demo model's layer `demo_layer` on the stdlib corpus (cached)."
-    from ghosttrack.data.corpus import TokenSource, stdlib_corpus
-    from ghosttrack.data.models import cache_root, load_model
     n = bc.demo_tokens + bc.demo_val_tokens
     model, tok = load_model(bc.demo_model)
     hp = layer_hookpoints(model, [bc.demo_layer])[0]
@@ -513,8 +512,6 @@ def plot_curves(res: dict, path=None):
 
 def run_bench(bc: BenchConfig, out_dir, peers=("saelens", "sparsify"), log=print) -> dict:
     "Every measurement of `ghosttrack bench`; writes `out_dir/bench.json` and `bench.png`, returns what it wrote."
-    from ghosttrack.data.corpus import CorpusUnavailable
-    from ghosttrack.data.models import ModelUnavailable
     torch.set_num_threads(bc.threads)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     res = {"config": dataclasses.asdict(bc), "machine": machine_info(bc)}
