@@ -152,8 +152,10 @@ def test_serve_graphs_serves_the_run_folder(lm_run):
     from ghosttrack.attribution.run import attribute as attribute_run
     run, *_ = lm_run
     if not (run / "graphs" / "served.json").exists(): attribute_run(run, prompt="The city of", slug="served", node_threshold=0.99)
+    # started as a script's background job would start it, with SIGINT ignored (inherited): Ctrl-C must still stop it
     p = subprocess.Popen([sys.executable, "-m", "ghosttrack", "serve-graphs", str(run), "--port", "0"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     watchdog = threading.Timer(120, p.kill)          # a server that never says it is up is killed, and the test fails
     watchdog.start()
     try:

@@ -5,6 +5,7 @@
 # %% ../../nbs/93_cli_analyses.ipynb #c03109a4
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from dataclasses import asdict
@@ -72,6 +73,8 @@ def serve_graphs_command(args) -> int:
               f"circuit-tracer's own server on the folder")
     else: print(f"serving {folder} with circuit-tracer's viewer from {server.assets}\nopen {server.url}")
     print("stop with Ctrl-C", flush=True)
+    # started in the background by a script (`&`, nohup) it inherits an ignored SIGINT; Ctrl-C or kill -INT must still stop it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try: server.serve_forever()
     except KeyboardInterrupt: pass
     finally: server.server_close()
