@@ -18,12 +18,12 @@ from ..data.models import FAMILIES
 from ..data.store import hook_dirname
 from .clt import CLTConfig, CLTMixin, load_clt, make_clt, save_clt
 from .clt_multi import MultiLayerCLT, MultiLayerCLTConfig, load_multilayer_clt, save_multilayer_clt
-from .sae import SAE_WEIGHTS_FILENAME, SAEConfig, load_sae, make_sae, save_sae
+from .sae import SAE, SAE_WEIGHTS_FILENAME, SAEConfig, load_sae, make_sae, save_sae
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'SPARSIFY_CFG', 'SPARSIFY_WEIGHTS', 'CT_CONFIG', 'CT_KINDS', 'sparsify_hookpoints', 'sparsify_module',
            'plain_weights', 'detect_layout', 'read_sparsify', 'read_transcoder_set', 'read_cross_layer_transcoder',
-           'load_dictionaries', 'load_dictionary', 'sparsify_files', 'transcoder_set_files',
+           'load_dictionaries', 'load_dictionary', 'load_saes', 'sparsify_files', 'transcoder_set_files',
            'cross_layer_transcoder_files', 'save_dictionaries', 'convert']
 
 # %% ../../nbs/33_dict_formats.ipynb #c306f1ba
@@ -268,6 +268,15 @@ def load_dictionary(path, device: str = "cpu"):
     ds = load_dictionaries(path)
     if len(ds) != 1: raise ConfigError(f"{path} holds {len(ds)} dictionaries ({', '.join(ds)}); load them with load_dictionaries")
     return next(iter(ds.values())).to(device)
+
+def load_saes(path, why_not_transcoders: str) -> dict:
+    """`{name: SAE}` of the folder `path` (see `load_dictionaries`), each naming the hookpoint it reads; a transcoder is
+    refused with `why_not_transcoders` (it is an `SAE` subclass in Python, so it is looked for first)."""
+    saes = load_dictionaries(path)
+    for name, d in saes.items():
+        if isinstance(d, CLTMixin) or not isinstance(d, SAE): raise ValueError(f"{path}: {name} is a transcoder; {why_not_transcoders}")
+        if not d.cfg.hook_name: raise ValueError(f"{path}: {name} does not say which hookpoint it reads (no hook_name in its config)")
+    return saes
 
 # %% ../../nbs/33_dict_formats.ipynb #e9033daa
 def _what(d) -> str:

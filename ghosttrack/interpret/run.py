@@ -17,8 +17,7 @@ from ..core.runfolder import activations_dir, load_run_config, run_saes
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import check_same_model, load_model, model_name
 from ..data.store import hook_dirname
-from ..dictionaries.clt import CLTMixin
-from ..dictionaries.formats import load_dictionaries
+from ..dictionaries.formats import load_saes
 from ..dictionaries.sae import SAE, load_sae
 from .dashboard import write_dashboard
 from .features import FeatureInterpreter
@@ -49,14 +48,8 @@ __all__ = ['log', 'DEFAULT_TEXT_TOKENS', 'InterpretOptions', 'foreign_saes', 'in
 # %% ../../nbs/52_interpret_run.ipynb #4cba8697
 def foreign_saes(folders) -> dict:
     "`{hookpoint: SAE}` of dictionary folders in any layout (the SAEs a user trained elsewhere)."
-    saes = {}
-    for f in folders:
-        for name, d in load_dictionaries(f).items():
-            if isinstance(d, CLTMixin) or not isinstance(d, SAE): raise ValueError(   # a transcoder is an SAE subclass too
-                f"{f}: {name} is a transcoder; interpret and track read SAEs (attribute takes transcoders)")
-            if not d.cfg.hook_name: raise ValueError(f"{f}: {name} does not say which hookpoint it reads (no hook_name in its config)")
-            saes[d.cfg.hook_name] = d
-    return saes
+    return {d.cfg.hook_name: d for f in folders
+            for d in load_saes(f, "interpret and track read SAEs (attribute takes transcoders)").values()}
 
 def interpret_run(run_dir, layers=None, texts: str | None = None, k: int = 20, max_tokens: int | None = None,
                   device: str | None = None, overwrite: bool = False, progress: bool = True, batch_size: int = 8,

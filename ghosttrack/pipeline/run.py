@@ -17,10 +17,9 @@ from ..core.run_config import RunConfig
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import check_same_model, layer_hookpoints, load_model, max_positions, model_name
 from ..data.store import ActivationDataset, hook_dirname, extract_activations
-from ..dictionaries.clt import CLTMixin
 from ..dictionaries.evaluate import evaluate_sae, spliced_lm_metrics
-from ..dictionaries.formats import CT_CONFIG, detect_layout, load_dictionaries
-from ..dictionaries.sae import SAE, SAE_WEIGHTS_FILENAME, load_sae
+from ..dictionaries.formats import CT_CONFIG, detect_layout, load_saes
+from ..dictionaries.sae import SAE_WEIGHTS_FILENAME, load_sae
 from ..dictionaries.stream import stream_train_saes
 from ..dictionaries.trainer import train_sae
 from ..tsp.policy import load_policy
@@ -134,11 +133,9 @@ def _external_saes(cfg: RunConfig, folders, overwrite: bool) -> dict:
         name = f.resolve().name
         if name in plan: raise ValueError(f"--dictionary {plan[name][0]} and {f} share the name {name!r}, and results go to "
                                           f"evaluate/external/<name>; rename one of the folders")
-        saes = load_dictionaries(f)
+        saes = load_saes(f, "evaluate --dictionary measures SAEs (train-clt evaluates transcoders)")
         for n, d in saes.items():
-            if isinstance(d, CLTMixin) or not isinstance(d, SAE): raise ValueError(f"{f}: {n} is a transcoder; evaluate --dictionary measures SAEs (train-clt evaluates transcoders)")
             hp = d.cfg.hook_name
-            if not hp: raise ValueError(f"{f}: {n} does not say which hookpoint it reads (no hook_name in its config)")
             if not (activations_dir(cfg) / hook_dirname(hp) / "manifest.json").exists():
                 raise FileNotFoundError(f"{f}: {n} reads {hp}, for which the run has no activation store under {activations_dir(cfg)}; "
                                         f"extract it first (ghosttrack extract --run-dir {cfg.run_path} --hookpoints {hp})")
