@@ -144,13 +144,14 @@ def memory_mb():
     return 0.0
 if cuda: torch.cuda.reset_peak_memory_stats()
 BASE_MB = memory_mb()
+VAL_VAR = (val - val.mean(0)).pow(2).sum().item()
 @torch.no_grad()
 def measure(encode_decode):
     sse, fired = 0.0, torch.zeros(L, dtype=torch.bool, device=val.device)
     for v in val.split(4096):
         x_hat, f = encode_decode(v)
         sse += (x_hat.float() - v).pow(2).sum().item(); fired |= f
-    return sse / (val - val.mean(0)).pow(2).sum().item(), 1 - fired.float().mean().item()
+    return sse / VAL_VAR, 1 - fired.float().mean().item()
 class Clock:
     def __init__(self): self.curve, self.paused = [], 0.0
     def start(self): sync(); self.t0 = time.perf_counter()
@@ -162,8 +163,9 @@ class Clock:
         self.curve.append([s, step * B, fvu]); self.paused += time.perf_counter() - p0
         return fvu, dead
 def report(seconds, curve, fvu, dead):
+    peak = memory_mb()
     print(json.dumps({"seconds": seconds, "tokens": steps * B, "fvu": fvu, "dead_frac": dead, "curve": curve,
-                      "peak_mb": memory_mb(), "over_data_mb": memory_mb() - BASE_MB}))
+                      "peak_mb": peak, "over_data_mb": peak - BASE_MB}))
 '''
 
 SAELENS_SCRIPT = r'''
