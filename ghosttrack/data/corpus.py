@@ -332,16 +332,17 @@ class TruthfulQACorpus(Corpus):
 
 # %% ../../nbs/10_data_corpus.ipynb #e2b684e8
 def make_corpus(cfg: CorpusConfig, cache_dir=None) -> Corpus:
-    "The corpus that `cfg.source` names: `wikipedia`, `stdlib`, `text:PATH[,PATH...]` or `truthfulqa[:PATH]`."
+    "The corpus that `cfg.source` names: `wikipedia`, `stdlib`, `wikitext`, `text:PATH[,PATH...]` or `truthfulqa[:PATH]`."
     head, _, rest = cfg.source.partition(":")
-    if head in ("wikipedia", "stdlib") and rest:
+    if head in ("wikipedia", "stdlib", "wikitext") and rest:
         raise ConfigError(f"corpus.source={cfg.source!r}: {head} takes no path; use {head!r} or text:PATH")
     if head == "wikipedia":
         return WikipediaCorpus(cache_dir, language=cfg.wikipedia_language, date=cfg.wikipedia_date, min_chars=cfg.min_chars)
     if head == "stdlib": return stdlib_corpus(min_chars=cfg.min_chars)
+    if head == "wikitext": return TextCorpus([asset("wikitext-2", "wiki.test.raw")], min_chars=cfg.min_chars)
     if head == "text": return TextCorpus([p for p in rest.split(",") if p], min_chars=cfg.min_chars, errors=cfg.encoding_errors)
     if head == "truthfulqa": return TruthfulQACorpus(rest or None, cache_dir=cache_dir)
-    raise ConfigError(f"corpus.source={cfg.source!r}: expected wikipedia, stdlib, text:PATH[,PATH...] or truthfulqa[:PATH]")
+    raise ConfigError(f"corpus.source={cfg.source!r}: expected wikipedia, stdlib, wikitext, text:PATH[,PATH...] or truthfulqa[:PATH]")
 
 # %% ../../nbs/10_data_corpus.ipynb #7b73fedc
 def _bos_id(tokenizer, bos_token_id=None) -> int:

@@ -52,15 +52,21 @@ def default_skip(pair: LayerPair) -> bool:
     return bool(_RESIDUAL.fullmatch(pair.source) and _RESIDUAL.fullmatch(pair.target))
 
 def parse_layer_pairs(spec, model) -> list[LayerPair]:
-    "`'0:2,1:out'`, `'a->b'` items, or a list of `(source, target)` → `LayerPair`s with hookpoints resolved for `model`."
+    "`'0:2,1:out'`, `'a->b'`, `'mlp3'` or `'mlp'` items, or a list of `(source, target)` → `LayerPair`s with hookpoints resolved for `model`."
     items = [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
-    pairs = []
+    pairs, n = [], num_layers(model)
     for item in items:
+        if isinstance(item, str) and (mlp := re.fullmatch(r"mlp(\d*)", item)):
+            blocks = [int(mlp.group(1))] if mlp.group(1) else range(n)
+            if blocks[0] >= n: raise ConfigError(f"layer pair {item!r}: the model has {n} layers (blocks 0–{n - 1})")
+            pairs += [LayerPair(f"clt_L{b}_mlp", f"blocks.{b}.ln2.hook_normalized", f"blocks.{b}.hook_mlp_out") for b in blocks]
+            continue
         if isinstance(item, (tuple, list)): src, tgt = item
         elif "->" in item: src, tgt = item.split("->", 1)
         elif item.count(":") == 1: src, tgt = item.split(":")
         else: raise ConfigError(f"layer pair {item!r}: expected SRC:TGT with layer indices or `out` (0:2, 1:out), "
-                                f"or SRC->TGT with hookpoint names (blocks.0.ln_2:input->blocks.0.hook_mlp_out)")
+                                f"SRC->TGT with hookpoint names (blocks.0.ln_2:input->blocks.0.hook_mlp_out), "
+                                f"or mlpN / mlp for block N's MLP / every block's")
         (hs, ns), (ht, nt) = _side(model, str(src).strip()), _side(model, str(tgt).strip())
         if hs == ht: raise ConfigError(f"layer pair {item!r}: source and target are both {hs}; a transcoder maps one site to another")
         pairs.append(LayerPair(f"clt_{ns}_to_{nt}", hs, ht))

@@ -5,7 +5,9 @@
 # %% ../../nbs/73_tracking_answers.ipynb #e2c7d682
 from __future__ import annotations
 
+import copy
 import csv
+import inspect
 import time
 from pathlib import Path
 import numpy as np
@@ -46,37 +48,65 @@ def answer_prompt(question: str, primer: bool = True) -> str:
 
 def _first_line(text: str) -> str: return text.split("\n", 1)[0].strip()
 
+def _newline_ids(tokenizer) -> list:
+    "Ids of the tokens whose text holds a newline: the tokens that end the first line (what `stop_strings=['\\n']` stops on)."
+    return [i for i, t in enumerate(tokenizer.batch_decode([[i] for i in range(len(tokenizer))])) if "\n" in t]
+
+def _prefix_cache(model, prefix: list, dev):
+    "The KV cache of the token ids `prefix` (batch 1), with the keyword `generate` takes it by; `None` where it cannot be reused."
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    if key not in params or "position_ids" not in params: return None            # positions must come from the mask
+    cache = getattr(model(input_ids=torch.tensor([prefix], device=dev), use_cache=True), key, None)
+    plain = all(type(l).__name__ == "DynamicLayer" for l in getattr(cache, "layers", [])) and type(cache).__name__ == "DynamicCache"
+    return (key, cache) if plain and hasattr(cache, "batch_repeat_interleave") else None
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, questions, n_samples: int = 4, max_new_tokens: int = 48, seed: int = 0,
-                     temperature: float = 1.0, primer: bool = True, batch_size: int = 8, progress: bool = True) -> list:
+                     temperature: float = 1.0, primer: bool = True, batch_size: int = 8, progress: bool = True,
+                     prefix_cache: bool = True) -> list:
     """One greedy answer and `n_samples` sampled answers per question, as dicts `question`, `prompt`, `kind`
-    (`greedy` or `sample`), `sample` (0 for greedy, 1… for samples) and `answer` (first line, stripped)."""
+    (`greedy` or `sample`), `sample` (0 for greedy, 1… for samples) and `answer` (first line, stripped).
+    With `prefix_cache` the tokens every prompt starts with (BOS and the primer) are encoded once."""
     if n_samples < 0 or max_new_tokens < 1 or batch_size < 1 or temperature <= 0:
         raise ValueError(f"n_samples={n_samples}, max_new_tokens={max_new_tokens}, batch_size={batch_size}, temperature={temperature}: "
                          "expected n_samples ≥ 0, max_new_tokens ≥ 1, batch_size ≥ 1 and temperature > 0")
     questions, dev = list(questions), next(model.parameters()).device
+    if not questions: return []
     bos, pad = _bos_id(tokenizer), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _bos_id(tokenizer)
-    stop = dict(stop_strings=["\n"], tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    stop = dict(eos_token_id=eos + [i for i in _newline_ids(tokenizer) if i not in eos], pad_token_id=pad)
+    prompts = [answer_prompt(q, primer) for q in questions]
+    ids = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    P = min(len(i) for i in ids) - 1                                        # the shared prefix, at least one token left per row
+    P = next((t for t in range(P) if any(i[t] != ids[0][t] for i in ids)), P)
+    cached = _prefix_cache(model, ids[0][:P], dev) if prefix_cache and P else None
+    if cached is None: P = 0
     out = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in tqdm(range(0, len(questions), batch_size), desc="answering", disable=not progress):
-            qs = questions[start:start + batch_size]
-            prompts = [answer_prompt(q, primer) for q in qs]
-            ids = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            T = max(map(len, ids))
-            ids_BT = torch.tensor([[pad] * (T - len(i)) + i for i in ids], device=dev)
-            mask_BT = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids], device=dev)
+            qs, rows = questions[start:start + batch_size], ids[start:start + batch_size]
+            T = max(map(len, rows))                      # rows: [prefix][pad…][rest of the prompt]; without a cache P = 0 (left padding)
+            ids_BT = torch.tensor([i[:P] + [pad] * (T - len(i)) + i[P:] for i in rows], device=dev)
+            mask_BT = torch.tensor([[1] * P + [0] * (T - len(i)) + [1] * (len(i) - P) for i in rows], device=dev)
             runs = [("greedy", 1, dict(do_sample=False))]
             if n_samples: runs.append(("sample", n_samples, dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)))
             for kind, n, how in runs:
-                gen = model.generate(input_ids=ids_BT, attention_mask=mask_BT, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                     **how, **stop)
+                if cached:                              # generate does not expand a given cache: rows repeated here, in its order
+                    key, cache = cached[0], copy.deepcopy(cached[1])
+                    cache.batch_repeat_interleave(len(rows) * n)
+                    gen = model.generate(input_ids=ids_BT.repeat_interleave(n, 0), attention_mask=mask_BT.repeat_interleave(n, 0),
+                                         max_new_tokens=max_new_tokens, **{key: cache}, **how, **stop)
+                else:
+                    gen = model.generate(input_ids=ids_BT, attention_mask=mask_BT, max_new_tokens=max_new_tokens,
+                                         num_return_sequences=n, **how, **stop)
                 texts = tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)
                 for j, text in enumerate(texts):
                     b = j // n
-                    out.append({"question": qs[b], "prompt": prompts[b], "kind": kind, "sample": 0 if kind == "greedy" else j % n + 1,
-                                "answer": _first_line(text)})
+                    out.append({"question": qs[b], "prompt": prompts[start + b], "kind": kind,
+                                "sample": 0 if kind == "greedy" else j % n + 1, "answer": _first_line(text)})
     return out
 
 # %% ../../nbs/73_tracking_answers.ipynb #8d15f10b
