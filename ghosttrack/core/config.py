@@ -38,7 +38,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 class CorpusConfig:
     "Where the text comes from and how it is packed into fixed-length token rows."
     source: str = "stdlib"
-    "`wikipedia`, `stdlib` (the Python standard library's own documentation), `wikitext` (WikiText-2's test split, shipped with ghosttrack), `text:PATH[,PATH...]` (.txt/.jsonl/.parquet) or `truthfulqa[:PATH]`"
+    "`wikipedia`, `stdlib` (the Python standard library's own documentation), `wikitext` (WikiText-2's test split, shipped with ghosttrack), `text:PATH[,PATH...]` (.txt/.jsonl/.parquet) or `truthfulqa[:PATH|:train|:val|:test]`; several joined by `+` are mixed in equal shares of text"
     context_len: int = 128
     "tokens per row; every row starts with the BOS token"
     min_chars: int = 200
@@ -54,9 +54,10 @@ class CorpusConfig:
         _check(self.context_len >= 2, "context_len", self.context_len, "an integer >= 2")
         _choice("corpus.encoding_errors", self.encoding_errors, ("strict", "replace"))
         _check(self.min_chars >= 0, "min_chars", self.min_chars, "an integer >= 0")
-        head = self.source.split(":", 1)[0]
-        _choice("corpus.source", head, ("wikipedia", "stdlib", "wikitext", "text", "truthfulqa"))
-        if head == "text": _check(len(self.source) > 5, "corpus.source", self.source, "text:PATH with at least one path")
+        for part in self.source.split("+"):
+            head = part.split(":", 1)[0]
+            _choice("corpus.source", head, ("wikipedia", "stdlib", "wikitext", "text", "truthfulqa"))
+            if head == "text": _check(len(part) > 5, "corpus.source", self.source, "text:PATH with at least one path")
 
 # %% ../../nbs/00_core_config.ipynb #7ae824f2
 def parse_layers(layers) -> Optional[list]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib
 import importlib.resources
@@ -30,8 +31,8 @@ _log = logging.getLogger(__name__)
 __all__ = ['SUFFIXES', 'STDLIB_MODULES', 'LOCAL_HINT', 'TRUTHFULQA_COLUMNS', 'TRUTHFULQA_HINT', 'TRUTHFULQA_SOURCE',
            'CorpusUnavailable', 'Corpus', 'asset', 'gpt2_tokenizer', 'split_wikitext', 'TextCorpus', 'module_doc_text',
            'StdlibCorpus', 'stdlib_corpus', 'load_hub_dataset', 'WikipediaCorpus', 'TruthfulQAExample',
-           'read_truthfulqa', 'split_truthfulqa', 'load_truthfulqa', 'TruthfulQACorpus', 'make_corpus', 'token_stream',
-           'count_tokens', 'pack_tokens', 'TokenSource']
+           'read_truthfulqa', 'split_truthfulqa', 'load_truthfulqa', 'TruthfulQACorpus', 'MixedCorpus', 'make_corpus',
+           'token_stream', 'count_tokens', 'pack_tokens', 'TokenSource']
 
 # %% ../../nbs/10_data_corpus.ipynb #da9cc18d
 class CorpusUnavailable(RuntimeError):
@@ -330,9 +331,31 @@ class TruthfulQACorpus(Corpus):
         return dict(kind="truthfulqa", path=path,
                     split=self.split, seed=self.seed, format="Q: {question} A: {best_answer}")
 
+# %% ../../nbs/10_data_corpus.ipynb #aed93b66
+class MixedCorpus(Corpus):
+    "Texts of several corpora interleaved in equal shares of characters (the part that has given least goes next)."
+    def __init__(self, parts):
+        if len(parts) < 2: raise ValueError(f"a MixedCorpus needs at least two corpora, got {len(parts)}")
+        self.parts = list(parts)
+
+    def _texts(self) -> Iterator[str]:
+        its, given = [p.get_texts() for p in self.parts], [0] * len(self.parts)
+        live = set(range(len(its)))
+        while live:
+            i = min(live, key=lambda j: (given[j], j))
+            t = next(its[i], None)
+            if t is None: live.discard(i); continue
+            given[i] += len(t)
+            yield t
+
+    def describe(self) -> dict: return dict(kind="mixed", parts=[p.describe() for p in self.parts])
+
 # %% ../../nbs/10_data_corpus.ipynb #e2b684e8
 def make_corpus(cfg: CorpusConfig, cache_dir=None) -> Corpus:
-    "The corpus that `cfg.source` names: `wikipedia`, `stdlib`, `wikitext`, `text:PATH[,PATH...]` or `truthfulqa[:PATH]`."
+    """The corpus that `cfg.source` names: `wikipedia`, `stdlib`, `wikitext`, `text:PATH[,PATH...]` or `truthfulqa[:PATH]`
+    (`truthfulqa:train`, `:val`, `:test`: one split of `split_truthfulqa`), or several joined by `+` (a `MixedCorpus`)."""
+    if "+" in cfg.source:
+        return MixedCorpus([make_corpus(dataclasses.replace(cfg, source=part), cache_dir) for part in cfg.source.split("+")])
     head, _, rest = cfg.source.partition(":")
     if head in ("wikipedia", "stdlib", "wikitext") and rest:
         raise ConfigError(f"corpus.source={cfg.source!r}: {head} takes no path; use {head!r} or text:PATH")
@@ -341,7 +364,8 @@ def make_corpus(cfg: CorpusConfig, cache_dir=None) -> Corpus:
     if head == "stdlib": return stdlib_corpus(min_chars=cfg.min_chars)
     if head == "wikitext": return TextCorpus([asset("wikitext-2", "wiki.test.raw")], min_chars=cfg.min_chars)
     if head == "text": return TextCorpus([p for p in rest.split(",") if p], min_chars=cfg.min_chars, errors=cfg.encoding_errors)
-    if head == "truthfulqa": return TruthfulQACorpus(rest or None, cache_dir=cache_dir)
+    if head == "truthfulqa":
+        return TruthfulQACorpus(None, split=rest, cache_dir=cache_dir) if rest in ("train", "val", "test") else TruthfulQACorpus(rest or None, cache_dir=cache_dir)
     raise ConfigError(f"corpus.source={cfg.source!r}: expected wikipedia, stdlib, wikitext, text:PATH[,PATH...] or truthfulqa[:PATH]")
 
 # %% ../../nbs/10_data_corpus.ipynb #7b73fedc
