@@ -167,9 +167,11 @@ class MultiLayerCLT(nn.Module):
         return scale * (e_hat_BLO.float() - resid_BLO.float()).pow(2).sum() / total_var
 
     @torch.no_grad()
-    def normalize_decoder_(self):
-        "Rescale each feature's decoder (all its target layers together) to unit norm."
-        for W_FTO in self.W_dec: W_FTO.div_(W_FTO.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None])
+    def normalize_decoder_(self, norms=None) -> list:
+        "Rescale each feature's decoder (all its target layers together) to unit norm, or divide by `norms`; returns the norms."
+        norms = [W_FTO.flatten(1).norm(dim=1).clamp_min(1e-8) for W_FTO in self.W_dec] if norms is None else norms
+        for W_FTO, n_F in zip(self.W_dec, norms): W_FTO.div_(n_F[:, None, None])
+        return norms
 
     @torch.no_grad()
     def fit_normalization_(self, x: torch.Tensor, y: torch.Tensor):

@@ -142,10 +142,11 @@ class SAE(nn.Module):
         else: raise ValueError(f"method={method!r}: expected 'median' or 'mean'")
 
     @torch.no_grad()
-    def normalize_decoder_(self) -> torch.Tensor:
+    def normalize_decoder_(self, norm_F: torch.Tensor | None = None) -> torch.Tensor:
         """Rescale every decoder row to unit norm and that feature's encoder column and bias by the inverse, so the
-        code grows as the row shrinks and the reconstruction stays as it was; returns the old row norms."""
-        norm_F = self.W_dec_FD.norm(dim=1).clamp_min(1e-8)
+        code grows as the row shrinks and the reconstruction stays as it was; returns the old row norms. Given
+        `norm_F`, divide by those instead (the trainer applies one rescaling to a schedule-free optimizer's state)."""
+        norm_F = self.W_dec_FD.norm(dim=1).clamp_min(1e-8) if norm_F is None else norm_F
         self.W_dec_FD.div_(norm_F[:, None])
         self.W_enc_DF.mul_(norm_F)
         self.b_enc.mul_(norm_F)
@@ -313,8 +314,8 @@ class JumpReLUSAE(SAE):
     def activate(self, pre_BF): return JumpReLUFn.apply(pre_BF, self.threshold, self.cfg.jumprelu_bandwidth)
 
     @torch.no_grad()
-    def normalize_decoder_(self):
-        norm_F = super().normalize_decoder_()
+    def normalize_decoder_(self, norm_F=None):
+        norm_F = super().normalize_decoder_(norm_F)
         self.threshold.mul_(norm_F)   # the gate compares the rescaled pre-activation with a threshold rescaled alike
         return norm_F
 

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'DEAD_WINDOW_TOKENS', 'LATER_FIELDS', 'lr_lambda', 'save_checkpoint', 'load_checkpoint', 'rank0_decides',
-           'init_distributed', 'prefetched', 'make_optimizer', 'native_bf16', 'Trainer', 'prepare_training',
-           'train_sae']
+           'init_distributed', 'prefetched', 'make_optimizer', 'normalize_decoder', 'native_bf16', 'Trainer',
+           'prepare_training', 'train_sae']
 
 # %% ../../nbs/25_dict_trainer.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -165,6 +165,23 @@ def make_optimizer(params, cfg: TrainConfig):
     opt = schedulefree.AdamWScheduleFree(params, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0)
     opt.train()
     return opt
+
+@torch.no_grad()
+def normalize_decoder(model, opt):
+    """Renormalise `model`'s decoder (`normalize_decoder_`). Under a schedule-free optimizer the weights are a blend of
+    two sequences, its state `z` and the average `x` that is evaluated; rescaling the weights alone would pull that
+    average off them, so `z` gets the same rescaling and the average moves with the weights."""
+    norms = model.normalize_decoder_()
+    z = {p: s["z"] for p, s in opt.state.items() if isinstance(s, dict) and "z" in s}
+    if not z or norms is None: return norms
+    params = list(model.parameters())
+    held = [p.data for p in params]
+    try:
+        for p in params: p.data = z[p] if p in z else p.data.clone()   # a parameter without state yet: a throwaway copy
+        model.normalize_decoder_(norms)
+    finally:
+        for p, d in zip(params, held): p.data = d
+    return norms
 
 def native_bf16(device) -> bool:
     "Whether `device` multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU with AMX or AVX512-BF16."
@@ -308,7 +325,7 @@ class Trainer:
         if hasattr(self.model, "on_step"): self.model.on_step(r["out"])
         self.step += 1
         step = self.step
-        if step % cfg.normalize_decoder_every == 0: self.model.normalize_decoder_()
+        if step % cfg.normalize_decoder_every == 0: normalize_decoder(self.model, self.opt)
         with torch.no_grad():
             self.since_fired_F += r["rows"]
             self.since_fired_F[r["fired_F"]] = 0
