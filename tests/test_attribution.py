@@ -322,3 +322,20 @@ def test_attribute_on_a_tsp_pipeline_run(tmp_path):
     torch.testing.assert_close(logp[finite], own[finite], atol=1e-4, rtol=1e-4)
     ranked = own.argsort(descending=True).tolist()
     assert rm.outputs == ranked[:len(rm.outputs)] and own[rm.outputs].exp().sum() >= 0.95    # its most likely next cities
+
+
+def test_mlp_transcoder_set_on_a_llama_is_exact(tmp_path):
+    "`clt.pairs=mlpN` transcoders read each MLP's normalised input: the replacement with several of them is still exact."
+    from ghosttrack.attribution.replacement import as_dictionary
+    from ghosttrack.data.models import ModelUnavailable
+    from ghosttrack.dictionaries.clt import load_clt
+    from ghosttrack.pipeline.stages import stage_job
+    torch.set_num_threads(1)
+    try: stage_job("tiny", run_dir=str(tmp_path / "run"), overrides=["clt.pairs=mlp0,mlp1,mlp2", "clt.skip=true"], progress=False).run("clt")
+    except ModelUnavailable as e: pytest.skip(f"the built-in smollm2-135m cannot be loaded here: {e}")
+    clts = [load_clt(tmp_path / "run" / "clts" / f"clt_L{b}_mlp").eval() for b in range(3)]
+    assert [(c.cfg.source, c.cfg.target, c.cfg.skip) for c in clts] == [(f"blocks.{b}.ln2.hook_normalized", f"blocks.{b}.hook_mlp_out", True) for b in range(3)]
+    model, tok = load_model("smollm2-135m")
+    ids = torch.tensor([[tok.bos_token_id] + tok(PROMPT)["input_ids"]])
+    rm, A = assert_exact(model, ids, clts, atol=2e-4)
+    assert not {f"blocks.{b}.hook_mlp_out" for b in range(3)} & set(rm.free_mlps) and len(rm.free_mlps) == model.config.num_hidden_layers - 3
