@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -18,8 +19,9 @@ from .io import atomic_write_text
 from .registry import ARCHITECTURES, uses_k
 
 # %% auto #0
-__all__ = ['DTYPES', 'ConfigError', 'CorpusConfig', 'parse_layers', 'ExtractConfig', 'SAEConfig', 'TrainConfig', 'PerfConfig',
-           'config_to_dict', 'config_from_dict', 'read_config_file', 'save_config', 'field_docs']
+__all__ = ['DTYPES', 'SOURCE_KINDS', 'ConfigError', 'source_parts', 'CorpusConfig', 'parse_layers', 'ExtractConfig', 'SAEConfig',
+           'TrainConfig', 'PerfConfig', 'config_to_dict', 'config_from_dict', 'read_config_file', 'save_config',
+           'field_docs']
 
 # %% ../../nbs/00_core_config.ipynb #42f8bafb
 class ConfigError(ValueError):
@@ -34,6 +36,12 @@ def _choice(name: str, value, choices):
 DTYPES = ("float32", "float16", "bfloat16")
 
 # %% ../../nbs/00_core_config.ipynb #dd3c63b4
+SOURCE_KINDS = ("wikipedia", "stdlib", "wikitext", "text", "truthfulqa")
+
+def source_parts(source: str) -> list:
+    "The corpora of a `corpus.source` joined by `+`: split only where a known kind follows, so paths may hold `+`."
+    return re.split(r"\+(?=(?:" + "|".join(SOURCE_KINDS) + r")(?::|\+|$))", source)
+
 @dataclass
 class CorpusConfig:
     "Where the text comes from and how it is packed into fixed-length token rows."
@@ -54,9 +62,9 @@ class CorpusConfig:
         _check(self.context_len >= 2, "context_len", self.context_len, "an integer >= 2")
         _choice("corpus.encoding_errors", self.encoding_errors, ("strict", "replace"))
         _check(self.min_chars >= 0, "min_chars", self.min_chars, "an integer >= 0")
-        for part in self.source.split("+"):
+        for part in source_parts(self.source):
             head = part.split(":", 1)[0]
-            _choice("corpus.source", head, ("wikipedia", "stdlib", "wikitext", "text", "truthfulqa"))
+            _choice("corpus.source", head, SOURCE_KINDS)
             if head == "text": _check(len(part) > 5, "corpus.source", self.source, "text:PATH with at least one path")
 
 # %% ../../nbs/00_core_config.ipynb #7ae824f2

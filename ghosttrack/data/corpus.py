@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 import torch
 
-from ..core.config import ConfigError, CorpusConfig
+from ..core.config import ConfigError, CorpusConfig, source_parts
 from ..core.io import hub_offline, hub_problem
 
 _log = logging.getLogger(__name__)
@@ -354,8 +354,8 @@ class MixedCorpus(Corpus):
 def make_corpus(cfg: CorpusConfig, cache_dir=None) -> Corpus:
     """The corpus that `cfg.source` names: `wikipedia`, `stdlib`, `wikitext`, `text:PATH[,PATH...]` or `truthfulqa[:PATH]`
     (`truthfulqa:train`, `:val`, `:test`: one split of `split_truthfulqa`), or several joined by `+` (a `MixedCorpus`)."""
-    if "+" in cfg.source:
-        return MixedCorpus([make_corpus(dataclasses.replace(cfg, source=part), cache_dir) for part in cfg.source.split("+")])
+    if len(parts := source_parts(cfg.source)) > 1:
+        return MixedCorpus([make_corpus(dataclasses.replace(cfg, source=part), cache_dir) for part in parts])
     head, _, rest = cfg.source.partition(":")
     if head in ("wikipedia", "stdlib", "wikitext") and rest:
         raise ConfigError(f"corpus.source={cfg.source!r}: {head} takes no path; use {head!r} or text:PATH")

@@ -25,10 +25,10 @@ from .trainer import Trainer, prepare_training
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PAIRS_FILE', 'NORMALIZATIONS', 'CLT_CLASSES', 'CLT_CFG_FILENAME', 'CLT_WEIGHTS_FILENAME', 'LayerPair',
-           'default_skip', 'parse_layer_pairs', 'collect_pairs', 'load_pairs', 'PairedDataset', 'CLTConfig',
-           'normalization_stats', 'CLTMixin', 'TopKCLT', 'ReLUCLT', 'JumpReLUCLT', 'BatchTopKCLT', 'make_clt',
-           'save_clt', 'load_clt', 'LinearBaseline', 'fit_linear_baseline', 'train_clt']
+__all__ = ['log', 'MLP_READS_LN2', 'PAIRS_FILE', 'NORMALIZATIONS', 'CLT_CLASSES', 'CLT_CFG_FILENAME', 'CLT_WEIGHTS_FILENAME',
+           'LayerPair', 'default_skip', 'parse_layer_pairs', 'collect_pairs', 'load_pairs', 'PairedDataset',
+           'CLTConfig', 'normalization_stats', 'CLTMixin', 'TopKCLT', 'ReLUCLT', 'JumpReLUCLT', 'BatchTopKCLT',
+           'make_clt', 'save_clt', 'load_clt', 'LinearBaseline', 'fit_linear_baseline', 'train_clt']
 
 # %% ../../nbs/30_dict_clt.ipynb #b21f8268
 @dataclass(frozen=True)
@@ -51,12 +51,20 @@ def default_skip(pair: LayerPair) -> bool:
     rebuild it (without it such a transcoder ends below the least-squares map); no for an MLP's input → output."""
     return bool(_RESIDUAL.fullmatch(pair.source) and _RESIDUAL.fullmatch(pair.target))
 
+MLP_READS_LN2 = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3", "smollm3", "gpt_neox"})
+"model types whose MLP reads `ln2.hook_normalized` (not gemma2 or olmo2, which norm around the MLP differently)"
+
 def parse_layer_pairs(spec, model) -> list[LayerPair]:
     "`'0:2,1:out'`, `'a->b'`, `'mlp3'` or `'mlp'` items, or a list of `(source, target)` → `LayerPair`s with hookpoints resolved for `model`."
     items = [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
-    pairs, n = [], num_layers(model)
+    pairs = []
     for item in items:
         if isinstance(item, str) and (mlp := re.fullmatch(r"mlp(\d*)", item)):
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            if mt not in MLP_READS_LN2:
+                raise ConfigError(f"layer pair {item!r}: the shorthand needs a model whose MLP reads its second norm's output "
+                                  f"({', '.join(sorted(MLP_READS_LN2))}), not model_type {mt!r}; name the hookpoints with SRC->TGT")
+            n = num_layers(model)
             blocks = [int(mlp.group(1))] if mlp.group(1) else range(n)
             if blocks[0] >= n: raise ConfigError(f"layer pair {item!r}: the model has {n} layers (blocks 0–{n - 1})")
             pairs += [LayerPair(f"clt_L{b}_mlp", f"blocks.{b}.ln2.hook_normalized", f"blocks.{b}.hook_mlp_out") for b in blocks]
