@@ -94,14 +94,12 @@ def generate_answers(model, tokenizer, questions, n_samples: int = 4, max_new_to
             runs = [("greedy", 1, dict(do_sample=False))]
             if n_samples: runs.append(("sample", n_samples, dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)))
             for kind, n, how in runs:
-                if cached:                              # generate does not expand a given cache: rows repeated here, in its order
-                    key, cache = cached[0], copy.deepcopy(cached[1])
-                    cache.batch_repeat_interleave(len(rows) * n)
-                    gen = model.generate(input_ids=ids_BT.repeat_interleave(n, 0), attention_mask=mask_BT.repeat_interleave(n, 0),
-                                         max_new_tokens=max_new_tokens, **{key: cache}, **how, **stop)
-                else:
-                    gen = model.generate(input_ids=ids_BT, attention_mask=mask_BT, max_new_tokens=max_new_tokens,
-                                         num_return_sequences=n, **how, **stop)
+                kv = {}                                 # generate does not expand a given cache: rows repeated here, in num_return_sequences' order
+                if cached:
+                    kv = {cached[0]: copy.deepcopy(cached[1])}
+                    kv[cached[0]].batch_repeat_interleave(len(rows) * n)
+                gen = model.generate(input_ids=ids_BT.repeat_interleave(n, 0), attention_mask=mask_BT.repeat_interleave(n, 0),
+                                     max_new_tokens=max_new_tokens, **kv, **how, **stop)
                 texts = tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)
                 for j, text in enumerate(texts):
                     b = j // n
