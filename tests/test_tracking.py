@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,11 +224,11 @@ def test_track_truthfulqa_command(run_dir, capsys):
     _check_explanations(run_dir, rows, rep)
 
 
-def _check_explanations(run_dir, rows, rep):
+def _check_explanations(run_dir, rows, rep, name="explanations"):
     "Each flagged answer's terms add up to the logit its detector gave it; the latents named are features of the run's SAEs."
     from ghosttrack.tracking.explain import EXPLAINED
     from ghosttrack.tracking.run import load_run
-    expl = json.loads((run_dir / "tracking" / "explanations.json").read_text())
+    expl = json.loads((run_dir / "tracking" / f"{name}.json").read_text())
     assert [(e["detector"], e["rank"]) for e in expl] == [(d, r) for d in EXPLAINED for r in range(1, 6)]
     by_answer = {(r["question"], r["answer"]): r for r in rows}
     for e in expl:
@@ -242,9 +243,10 @@ def _check_explanations(run_dir, rows, rep):
     assert latents and all(0 <= c["feature"] < saes[c["layer"]].W_dec_FD.shape[0] and c["label"] for c in latents)
     assert [e["p"] for e in expl if e["detector"] == "tracker_tuned"][0] == pytest.approx(
         max(float(r["p_tracker_tuned"]) for r in rows if r["split"] == "test"))
-    assert (run_dir / "tracking" / "explanations.png").read_bytes()[:4] == b"\x89PNG"
-    md = (run_dir / "tracking" / "explanations.md").read_text()
-    assert md.count("| **logit** |") == len(expl) and rep["explanations"]["md"] == str(run_dir / "tracking" / "explanations.md")
+    assert (run_dir / "tracking" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run_dir / "tracking" / f"{name}.md").read_text()
+    assert md.count("| **logit** |") == len(expl) and rep["explanations"]["md"] == str(run_dir / "tracking" / f"{name}.md")
+    return expl
 
 
 def test_track_reads_dictionaries_in_another_layout(run_dir, tmp_path, capsys):
@@ -350,6 +352,14 @@ def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
     for name in DETECTORS:
         assert own[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
     assert own["measure"] == "bleu" and own["n_samples"] == 2 and set(own["paired"]) == set(rep["paired"])
+    expl = _check_explanations(run, rows, own, "own_answers_explanations")
+    assert {e["kind"] for e in expl} <= {"greedy", "sample"} and "model gave" in (run / "tracking" / "own_answers_explanations.md").read_text()
+    from ghosttrack.pipeline.report import write_report
+    md = Path(write_report(run)["markdown"]).read_text()       # the report shows both tasks and both explanation plots
+    assert "## Hallucination detection: reference answers (TruthfulQA)" in md and f"{own['sizes']['test']['questions']} questions" in md
+    assert "## Hallucination detection: the model's own answers (TruthfulQA)" in md and "| sparse_probe − probe_tracker_layers |" in md
+    for f in ("why_flagged_reference_answers", "why_flagged_the_model_s_own_answers", "calibration_the_model_s_own_answers"):
+        assert (run / "report_files" / f"{f}.png").read_bytes()[:4] == b"\x89PNG" and f"report_files/{f}.png" in md
 
 
 def test_track_uses_clt_edges_of_the_run(run_dir, tmp_path):

@@ -103,7 +103,8 @@ def add_track_commands(subparsers) -> None:
                     "With --prompt: tracks of one prompt(+answer) to tracking/tracks.json and tracks.png. With --truthfulqa: the "
                     "tracker, the answer log-prob, a text-only baseline, residual probes and a sparse SAE probe compared on TruthfulQA, "
                     "to tracking/truthfulqa_scores.csv and auroc.json, and why the tracks-based detectors flag the answers they flag "
-                    "most, to tracking/explanations.json, .md and .png. --dictionary tracks SAEs trained elsewhere.", TrackOptions, run=False, run_dir="run folder of `ghosttrack run` with one SAE per tracked layer",
+                    "most, to tracking/explanations.json, .md and .png; with --own-answers the same on the model's own answers "
+                    "(generations.csv, own_answers_*). --dictionary tracks SAEs trained elsewhere.", TrackOptions, run=False, run_dir="run folder of `ghosttrack run` with one SAE per tracked layer",
                     overwrite="replace existing tracking outputs")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="text to track, e.g. \"Q: What is the capital of France?\\nA:\"")
@@ -126,9 +127,10 @@ def track_command(args) -> int:
             if r is None: continue
             print(f"{task}:")
             print(format_report(r))
-        if "explanations" in rep:
-            print(f"why {', '.join(rep['explanations']['detectors'])} flag their {rep['explanations']['answers']} most suspect test "
-                  f"answers: {rep['explanations']['md']}, {rep['explanations']['png']}")
+        for task, r in [("", rep), (" of the model's own", rep.get("own_answers") or {})]:
+            if "explanations" in r:
+                x = r["explanations"]
+                print(f"why {', '.join(x['detectors'])} flag their {x['answers']} most suspect test answers{task}: {x['md']}, {x['png']}")
         print(f"{sum(s['items'] for s in rep['sizes'].values())} answers in {rep['seconds']:.0f} s -> {Path(args.run_dir) / 'tracking'}")
         return 0
     res = track_prompt(args.run_dir, args.prompt, o.answer, **match)

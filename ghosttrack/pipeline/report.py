@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 
 from ..core.io import atomic_write_text, load_json, read_jsonl
@@ -21,8 +22,8 @@ TARGETS = {"fvu": ("FVU < 0.01", lambda v: v < 0.01), "l0": ("L0 in 50–100", l
            "dead": ("dead < 10%", lambda v: v < 0.10)}
 
 # %% auto #0
-__all__ = ['TARGETS', 'gather_run', 'stage_rows', 'sae_rows', 'clt_rows', 'markdown_table', 'loss_curves', 'feature_frequencies',
-           'frequency_plot', 'write_report']
+__all__ = ['TARGETS', 'TRACKING_TASKS', 'gather_run', 'stage_rows', 'sae_rows', 'clt_rows', 'tracking_sections',
+           'tracking_images', 'markdown_table', 'loss_curves', 'feature_frequencies', 'frequency_plot', 'write_report']
 
 # %% ../../nbs/83_pipeline_report.ipynb #b0ecc5f6
 def _load(p: Path):
@@ -92,6 +93,37 @@ def clt_rows(g: dict) -> list:
                      "tour Δ": (e.get("policy") or {}).get("rel_delta_length"), "dead<10%": _mark("dead", e["dead_fraction"]),
                      "beats linear": "pass" if e["r2"] >= e["baseline_r2"] else "miss (below the least-squares map)"})
     return rows
+
+TRACKING_TASKS = (("reference answers", None, "explanations"), ("the model's own answers", "own_answers", "own_answers_explanations"))
+"(title, key in `auroc.json` (None: the top level), explanation files' name) of the two TruthfulQA tasks"
+
+def tracking_sections(auroc: dict) -> list:
+    """(title, markdown) of each TruthfulQA task in `auroc` (`tracking/auroc.json`): the detectors' test AUROC with
+    question-level 95% intervals and their validation AUROC, then the paired tests."""
+    out = []
+    for title, key, _ in TRACKING_TASKS:
+        r = auroc if key is None else auroc.get(key)
+        if not r or "detectors" not in r: continue
+        sizes = r.get("sizes", {}).get("test", {})
+        rows = [{"detector": k, "test AUROC": r[k]["test_auroc"], "95% interval": "{:.3f}–{:.3f}".format(*r[k]["test_auroc_ci"]),
+                 "val AUROC": r[k]["val_auroc"], "chosen on val": ", ".join(f"{c} {r[k][c]}" for c in ("threshold", "layer", "k") if c in r[k])}
+                for k in r["detectors"]]
+        pairs = [{"paired test": f"{a} − {b}", "AUROC difference": d["diff"],
+                  "95% interval": "{:+.3f} to {:+.3f}".format(*d["ci"]), "p": d["p_value"]}
+                 for a, b, d in ((*k.split("-", 1), d) for k, d in r.get("paired", {}).items())]
+        text = (f"Test split: {sizes.get('questions', '?')} questions, {sizes.get('items', '?')} answers, "
+                f"{sizes.get('false', '?')} false. Intervals resample questions.\n\n" + markdown_table(rows))
+        if pairs: text += "\n\n" + markdown_table(pairs)
+        out.append((f"Hallucination detection: {title} (TruthfulQA)", text))
+    return out
+
+def tracking_images(run) -> dict:
+    "The PNGs of `ghosttrack track --truthfulqa` in the run folder (explanations, calibration), by title."
+    t, found = Path(run) / "tracking", {}
+    for title, key, name in TRACKING_TASKS:
+        for what, f in (("why flagged", t / f"{name}.png"), ("calibration", t / f"{'own_answers_' if key else ''}calibration.png")):
+            if f.exists(): found[f"{what.capitalize()}: {title}"] = f.read_bytes()
+    return found
 
 def _cell(v) -> str:
     if v is None: return "–"
@@ -180,9 +212,7 @@ def _sections(g: dict) -> list:
         rows = [{"method": r["method"], "mean length": r["mean_length"], "gap %": 100 * r["gap"]} for r in t["gaps"]]
         rows += [{"method": f"policy + {s['dictionary']}", "mean length": s["length_patched"], "gap %": 100 * s["gap"]} for s in t["spliced"]]
         out.append((f"TSP-{t['n']} optimality gaps ({t['instances']} test instances)", markdown_table(rows)))
-    if g["tracking"]:
-        rows = [{"score": k, "test AUROC": g["tracking"][k]["test_auroc"]} for k in g["tracking"].get("detectors", ("tracker", "logprob", "probe")) if k in g["tracking"]]
-        out.append(("Hallucination tracking (TruthfulQA)", markdown_table(rows)))
+    if g["tracking"]: out += tracking_sections(g["tracking"])
     links = [f"- dashboard: [{p.parent.name}]({p.relative_to(g['run'])})" for p in g["dashboards"]]
     links += [f"- graph: [{p.stem}]({p.relative_to(g['run'])})" for p in g["graphs"]]
     links += [f"- executed notebook: [{p.name}]({p.relative_to(g['run'])})" for p in g["notebooks"]]
@@ -206,13 +236,14 @@ def write_report(run_dir) -> dict:
     g = gather_run(run_dir)
     run, title = g["run"], f"ghosttrack run: {g['config'].get('name', g['run'].name)}"
     images = {k: _png(f) for k, f in (("Training curves", loss_curves(g)), ("Feature frequency", frequency_plot(feature_frequencies(g))))
-              if f is not None}
+              if f is not None} | tracking_images(run)
     sections = _sections(g)
     files = run / "report_files"
     files.mkdir(exist_ok=True)
-    for k, v in images.items(): (files / f"{k.lower().replace(' ', '_')}.png").write_bytes(v)
+    slug = lambda k: re.sub(r"[^a-z0-9]+", "_", k.lower()).strip("_")
+    for k, v in images.items(): (files / f"{slug(k)}.png").write_bytes(v)
     md = f"# {title}\n\n" + "".join(f"## {t}\n\n{m}\n\n" for t, m in sections)
-    md += "".join(f"## {k}\n\n![{k}](report_files/{k.lower().replace(' ', '_')}.png)\n\n" for k in images)
+    md += "".join(f"## {k}\n\n![{k}](report_files/{slug(k)}.png)\n\n" for k in images)
     atomic_write_text(run / "report.md", md)
     atomic_write_text(run / "report.html", _html(title, sections, images))
     return {"markdown": str(run / "report.md"), "html": str(run / "report.html"), "saes": sae_rows(g), "clts": clt_rows(g),

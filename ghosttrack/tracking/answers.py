@@ -16,7 +16,7 @@ from ..core.runlog import tqdm
 
 from ..core.io import atomic_path
 from ..data.corpus import _bos_id, asset
-from .hallucination import SPLITS, compare_detectors, qa_prompt, score_items
+from .hallucination import SPLITS, compare_detectors, fit_detectors, qa_prompt, score_items
 from .tracker import HypothesisTracker
 
 # %% auto #0
@@ -178,14 +178,16 @@ def answer_and_label(model, tokenizer, splits: dict, n_samples: int = 4, max_new
 
 def evaluate_own_answers(model, tokenizer, saes: dict, gens: list, tracker: HypothesisTracker | None = None, top_k: int = 16,
                          progress: bool = True, n_boot: int = 1000, seed: int = 0) -> tuple:
-    "Score and compare the detectors on labelled generations (from `answer_and_label`); returns `(rows, report)`."
+    """Score and compare the detectors on labelled generations (from `answer_and_label`); returns `(rows, report, fits)`
+    as `evaluate_truthfulqa` does (`fits` for `explain_flagged`; row i is generation i)."""
     t0 = time.time()
     items = [{k: g[k] for k in ("split", "question", "prompt", "answer", "label", "kind", "sample")} for g in gens]
     rows, arrays = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
-    report = compare_detectors(rows, arrays, n_boot, seed)
+    fits = fit_detectors(rows, arrays)
+    report = compare_detectors(rows, arrays, n_boot, seed, fits)
     report.update(task="own answers", false_rate=float(np.mean([g["label"] for g in gens])), sae_layers=sorted(saes),
                   seconds=time.time() - t0)
-    return rows, report
+    return rows, report, fits
 
 def save_generations_csv(gens: list, path) -> Path:
     "The generations with their labels as CSV (without the prompt, which `answer_prompt` rebuilds from the question)."

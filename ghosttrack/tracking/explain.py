@@ -63,7 +63,8 @@ def explain_flagged(rows: list, fits: dict, detectors=EXPLAINED, n_answers: int 
         for rank, j in enumerate(np.argsort(-p_N, kind="stable")[:n_answers]):
             i, r = int(idx[j]), rows[int(idx[j])]
             out.append({"detector": name, "rank": rank + 1, "row": i, "question": r["question"], "answer": r["answer"],
-                        "label": int(r["label"]), **fit.params, **explain_answer(fit, i, top)})
+                        "label": int(r["label"]), **{k: r[k] for k in ("kind", "sample") if k in r}, **fit.params,
+                        **explain_answer(fit, i, top)})
     return out
 
 # %% ../../nbs/74_tracking_explain.ipynb #b4947f65
@@ -75,14 +76,18 @@ def _tracks(res, n: int) -> list:
     return [{"id": t.id, "label": t.label, "birth_layer": t.birth_layer, "death_layer": t.death_layer, "winner": t.id == winner,
              "features": {str(l): f for l, (f, _) in t.features.items()}} for t in keep]
 
-def describe(explanations: list, model, tokenizer, saes: dict, tracker, info, top_k: int = 16, n_tracks: int = 5) -> list:
+def describe(explanations: list, model, tokenizer, saes: dict, tracker, info, top_k: int = 16, n_tracks: int = 5,
+             prompts=None) -> list:
     """Name the terms of `explain_flagged`'s `explanations` in place: SAE latents get `feature_info`'s `label`,
     `tokens`, `examples` and the `track` they lie on; each answer gets its labelled `tracks` (at the detector's
-    threshold, else `tracker`'s). `info` is `feature_info(...)`; returns `explanations`."""
+    threshold, else `tracker`'s). `info` is `feature_info(...)`. Answers are read after `qa_prompt(question)`, or
+    after `prompts[row]` where they were scored after another prompt (the model's own answers: the prompt they were
+    generated from). Returns `explanations`."""
     for e in explanations:
         t = copy.copy(tracker)
         t.threshold = e.get("threshold", tracker.threshold)
-        s = score_answer(model, tokenizer, saes, e["question"], e["answer"], top_k)
+        prompt = prompts[e["row"]] if prompts is not None else None
+        s = score_answer(model, tokenizer, saes, e["question"], e["answer"], top_k, prompt)
         res = label_tracks(t.track(s["features"]), lambda layer, fid: info(layer, fid)["label"])
         on = {(l, f): tr.id for tr in res.tracks for l, (f, _) in tr.features.items()}
         e["tracks_threshold"], e["tracks"] = t.threshold, _tracks(res, n_tracks)
@@ -95,14 +100,15 @@ def _term(c: dict) -> str:
     what = f" — {c['label']}" if c.get("label") else ""
     return f"{c['input']}{what}"
 
-def format_explanations(explanations: list) -> str:
+def format_explanations(explanations: list, title: str = "Why the detectors flag these answers") -> str:
     "The explanations as markdown: per flagged answer, its terms in a table and its tracks."
-    lines = ["# Why the detectors flag these answers", "",
+    lines = [f"# {title}", "",
              "Each term is an input's weight times its distance from a baseline (0 for an SAE latent, the train mean "
              "otherwise); offset + terms + rest = the detector's logit."]
     for e in explanations:
         chosen = ", ".join(f"{k} {e[k]}" for k in ("threshold", "layer", "k") if k in e)
-        lines += ["", f"## {e['detector']} #{e['rank']}: P(false) {e['p']:.3f} ({'false' if e['label'] else 'true'} answer)"
+        kind = f"{e['kind']} " if "kind" in e else ""
+        lines += ["", f"## {e['detector']} #{e['rank']}: P(false) {e['p']:.3f} ({'false' if e['label'] else 'true'} {kind}answer)"
                   + (f"; {chosen}" if chosen else ""), "", f"Q: {e['question']}  ", f"A: {e['answer']}", "",
                   "| term | value | weight | contribution | examples |", "|---|---|---|---|---|"]
         for c in e["contributions"]:
@@ -139,14 +145,14 @@ def plot_explanations(explanations: list, max_terms: int = 8):
     fig.tight_layout()
     return fig
 
-def save_explanations(explanations: list, out) -> dict:
-    "Write `explanations.json`, `explanations.md` and `explanations.png` into folder `out`; returns their paths."
+def save_explanations(explanations: list, out, name: str = "explanations", title: str = "Why the detectors flag these answers") -> dict:
+    "Write `<name>.json`, `<name>.md` (headed `title`) and `<name>.png` into folder `out`; returns their paths."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out = Path(out)
-    paths = {"json": out / "explanations.json", "md": out / "explanations.md", "png": out / "explanations.png"}
+    paths = {k: out / f"{name}.{k}" for k in ("json", "md", "png")}
     save_json(explanations, paths["json"])
-    with atomic_path(paths["md"]) as tmp: Path(tmp).write_text(format_explanations(explanations))
+    with atomic_path(paths["md"]) as tmp: Path(tmp).write_text(format_explanations(explanations, title))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")   # token labels in any script
         fig = plot_explanations(explanations)

@@ -130,8 +130,9 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
     (test AUROC with question-level bootstrap intervals and paired tests), and with `explain` > 0 why the `EXPLAINED`
     detectors flag their `explain` most suspect test answers: `tracking/explanations.json`, `.md` and `.png`. The SAEs are
     the run's, or those of the folders `dictionaries`. With `own_answers`, also on the model's own answers: `tracking/generations.csv` (answers and
-    labels), `tracking/own_answers_scores.csv`, `tracking/own_answers_calibration.png` and the `own_answers` entry of
-    `auroc.json`. Returns the contents of `auroc.json`."""
+    labels), `tracking/own_answers_scores.csv`, `tracking/own_answers_calibration.png`, the explanations of its flagged
+    answers (`tracking/own_answers_explanations.*`) and the `own_answers` entry of `auroc.json`. Returns the contents of
+    `auroc.json`."""
     out = Path(run_dir) / "tracking"
     check_overwrite(out / "auroc.json", (out / "auroc.json").exists(), overwrite, "TruthfulQA scores")
     model, tok, saes = load_run(run_dir, layers, device, dictionaries)
@@ -141,8 +142,8 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
     report.update(task="reference answers", data=str(path) if path else "ghosttrack:truthfulqa/TruthfulQA.csv", seed=seed,
                   top_k=top_k, threshold=threshold, method=method, clt_edges=clt_pairs,
                   dictionaries=[str(d) for d in dictionaries] if dictionaries else None)
+    info = feature_info(saes, tok, model.get_output_embeddings().weight.detach(), run_dir) if explain else None
     if explain:
-        info = feature_info(saes, tok, model.get_output_embeddings().weight.detach(), run_dir)
         expl = describe(explain_flagged(rows, fits, n_answers=explain), model, tok, saes, tracker, info, top_k)
         report["explanations"] = {"detectors": list(EXPLAINED), "answers": explain, **save_explanations(expl, out)}
     save_scores_csv(rows, out / "truthfulqa_scores.csv")
@@ -150,8 +151,13 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
     if own_answers:
         gens = answer_and_label(model, tok, splits, n_samples, max_new_tokens, seed, primer, measure, progress)
         save_generations_csv(gens, out / "generations.csv")
-        own_rows, own = evaluate_own_answers(model, tok, saes, gens, tracker, top_k, progress, bootstrap, seed)
+        own_rows, own, own_fits = evaluate_own_answers(model, tok, saes, gens, tracker, top_k, progress, bootstrap, seed)
         own.update(measure=measure, n_samples=n_samples, max_new_tokens=max_new_tokens, primer=primer, temperature=1.0)
+        if explain:
+            expl = describe(explain_flagged(own_rows, own_fits, n_answers=explain), model, tok, saes, tracker, info, top_k,
+                            prompts=[g["prompt"] for g in gens])
+            own["explanations"] = {"detectors": list(EXPLAINED), "answers": explain, **save_explanations(
+                expl, out, "own_answers_explanations", "Why the detectors flag these answers the model gave")}
         save_scores_csv(own_rows, out / "own_answers_scores.csv")
         _save_calibration(own_rows, out / "own_answers_calibration.png")
         report["own_answers"] = own
