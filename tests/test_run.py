@@ -134,14 +134,30 @@ def test_presets_are_listed_with_their_stages():
     assert '"stages": ["tsp", "extract", "train", "clt", "evaluate", "attribute", "report"]' in out
 
 
+def _unbound(code: str) -> set:
+    "Names `code` reads that nothing in it binds (imports, assignments, definitions) and that are not builtins."
+    import ast, builtins
+    tree = ast.parse("\n".join(l for l in code.splitlines() if not l.lstrip().startswith(("%", "!"))))
+    bound = set(dir(builtins))
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.Import, ast.ImportFrom)): bound |= {a.asname or a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load): bound.add(n.id)
+        elif isinstance(n, (ast.FunctionDef, ast.ClassDef)): bound.add(n.name)
+        elif isinstance(n, ast.arg): bound.add(n.arg)
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound
+
+
 def test_every_stage_has_a_runnable_notebook():
-    "Each registered stage's notebook has the parts `ghosttrack run` executes (and so ships in the wheel, by its tag)."
+    """Each registered stage's notebook has the parts `ghosttrack run` executes (and so ships in the wheel, by its tag),
+    and those parts run on their own: every name they read is bound in them, not only by the cells they leave out."""
     from ghosttrack.pipeline.runner import stage_notebook, stage_part
     from ghosttrack.pipeline.stages import STAGES
     for name in STAGES:
         part = stage_part(nbformat.read(stage_notebook(name), as_version=4))
-        run = "".join(c.source for c in part.cells if c.cell_type == "code")
+        run = "\n".join(c.source for c in part.cells if c.cell_type == "code")
         assert f'job.run("{name}")' in run, name
+        assert not _unbound(run), (name, _unbound(run))
+    assert _unbound("from a import b\nx = b(c)\nprint(x, len(x))") == {"c"}
 
 
 @needs_demo_model

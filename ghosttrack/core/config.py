@@ -159,8 +159,8 @@ class SAEConfig:
 @dataclass
 class TrainConfig:
     "How a dictionary is trained."
-    lr: float = 4e-4
-    "peak learning rate"
+    lr: float = 0.0
+    "peak learning rate (0: the optimizer's recommended one, `recommended_lr`: 4e-4 AdamW; schedule-free 0.08/√steps, at most 1e-2)"
     batch_size: int = 1024
     "activation rows per optimizer step"
     num_epochs: int = 4
@@ -168,22 +168,24 @@ class TrainConfig:
     warmup_frac: float = 0.05
     "fraction of steps with linear warmup"
     min_lr_frac: float = 0.1
-    "cosine decay ends at this fraction of `lr`"
+    "AdamW: cosine decay ends at this fraction of `lr` (schedule-free: no decay, its average takes the decay's place)"
     weight_decay: float = 0.0
     "AdamW weight decay"
-    optimizer: str = "adamw"
-    """`adamw`, or `adamw-schedulefree` (schedule-free AdamW: weights evaluated and saved at its running average; for
-    TopK at short budgets it reaches a much lower FVU, at a higher lr such as 1e-2, see `85_pipeline_bench`)"""
+    optimizer: str = "auto"
+    """`auto` (schedule-free AdamW for TopK and BatchTopK SAEs, AdamW for the other dictionaries), `adamw`, or
+    `adamw-schedulefree` (schedule-free AdamW: the weights evaluated and saved are its running average; on TopK it
+    reaches a much lower FVU at lr 1e-2, see the sweep in `25_dict_trainer`)"""
     max_grad_norm: float = 1.0
     "gradient clipping threshold (0 disables)"
     normalize_decoder_every: int = 1
     "renormalise decoder rows to unit norm every N steps (the encoder compensates, so the model's output is unchanged)"
-    auxk_coefficient: float = 1 / 32
-    "weight of the AuxK loss on dead latents (topk / batchtopk)"
+    auxk_coefficient: float = 1 / 2
+    "weight of the AuxK loss on dead latents (topk / batchtopk), relative to the reconstruction loss"
     auxk_k: int = 0
     "dead latents the AuxK loss may use (0: `d_in // 2`)"
-    dead_window_tokens: int = 200_000
-    "a feature that has not fired for this many training tokens counts as dead"
+    dead_window_tokens: int = 0
+    """a feature that has not fired for this many training tokens counts as dead, for AuxK (0: an eighth of the run's
+    tokens, at most 200k)"""
     val_fraction: float = 0.05
     "share of the activations held out for validation"
     checkpoint_every: int = 100
@@ -200,7 +202,7 @@ class TrainConfig:
     "W&B project name"
 
     def __post_init__(self):
-        _check(self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.lr >= 0, "lr", self.lr, "a positive number (0: the optimizer's recommended lr)")
         _check(self.batch_size > 0, "batch_size", self.batch_size, "a positive integer")
         _check(self.num_epochs > 0, "num_epochs", self.num_epochs, "a positive integer")
         _check(0 <= self.warmup_frac < 1, "warmup_frac", self.warmup_frac, "a number in [0, 1)")
@@ -210,7 +212,7 @@ class TrainConfig:
         _check(self.checkpoint_every > 0, "checkpoint_every", self.checkpoint_every, "a positive integer")
         _check(self.log_every > 0, "log_every", self.log_every, "a positive integer")
         _choice("wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
-        _choice("optimizer", self.optimizer, ("adamw", "adamw-schedulefree"))
+        _choice("optimizer", self.optimizer, ("auto", "adamw", "adamw-schedulefree"))
 
 # %% ../../nbs/00_core_config.ipynb #94b043e2
 @dataclass

@@ -61,6 +61,8 @@ class SAE(nn.Module):
     uses_auxk = False
     encoder_init_scale = 1.0
     "the encoder starts as this multiple of `W_dec.T`"
+    auto_optimizer = "adamw"
+    "what `TrainConfig(optimizer='auto')` trains this with (see `resolve_recipe` in `25_dict_trainer`)"
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -204,6 +206,7 @@ class TopKSAE(SAE):
     architecture = saelens_architecture = "topk"
     uses_auxk = True
     encoder_init_scale = 0.4
+    auto_optimizer = "adamw-schedulefree"
 
     sparse_decoder = False
     "decode from the `k` active rows (`use_sparse_decoder`) instead of a dense `[B, d_sae] @ W_dec` matmul"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -30,9 +31,9 @@ from .sae import make_sae, save_sae
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DEAD_WINDOW_TOKENS', 'LATER_FIELDS', 'lr_lambda', 'save_checkpoint', 'load_checkpoint', 'rank0_decides',
-           'init_distributed', 'prefetched', 'make_optimizer', 'normalize_decoder', 'native_bf16', 'Trainer',
-           'prepare_training', 'train_sae']
+__all__ = ['log', 'DEAD_WINDOW_TOKENS', 'AUXK_WINDOW_TOKENS', 'LATER_FIELDS', 'lr_lambda', 'save_checkpoint', 'load_checkpoint',
+           'rank0_decides', 'init_distributed', 'prefetched', 'recommended_lr', 'resolve_recipe', 'make_optimizer',
+           'normalize_decoder', 'native_bf16', 'Trainer', 'prepare_training', 'train_sae']
 
 # %% ../../nbs/25_dict_trainer.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -157,6 +158,26 @@ def _activity(out) -> tuple:
 DEAD_WINDOW_TOKENS = 10_000_000
 "the window of training tokens over which a latent that never fired counts as dead (the field's usual 10M)"
 
+def recommended_lr(optimizer: str, steps: int) -> float:
+    """The learning rate `TrainConfig(lr=0)` trains at: 4e-4 under AdamW (with its warmup and cosine decay); under
+    schedule-free AdamW `0.08/√steps`, at most 1e-2: the horizon sets the step size as for averaged SGD (1e-2 for the
+    bench's 64 steps, 4.2e-3 for the `truthfulqa` preset's 364; the sweep above)."""
+    return min(1e-2, 0.08 / math.sqrt(max(steps, 1))) if optimizer == "adamw-schedulefree" else 4e-4
+
+AUXK_WINDOW_TOKENS = 200_000
+"the longest window `TrainConfig(dead_window_tokens=0)` gives AuxK"
+
+def resolve_recipe(cfg: TrainConfig, model, steps: int) -> TrainConfig:
+    """`cfg` with its automatic values filled in for `model` and a run of `steps` steps: `optimizer='auto'` is the
+    model's `auto_optimizer` (schedule-free AdamW for TopK and BatchTopK SAEs, AdamW otherwise), `lr=0` that
+    optimizer's `recommended_lr`, `dead_window_tokens=0` an eighth of the run's tokens (at least a batch, at most
+    `AUXK_WINDOW_TOKENS`). Under schedule-free AdamW the learning rate is constant after its warmup: no decay
+    (`min_lr_frac` 1), the average takes its place."""
+    opt = getattr(model, "auto_optimizer", "adamw") if cfg.optimizer == "auto" else cfg.optimizer
+    window = max(cfg.batch_size, min(AUXK_WINDOW_TOKENS, steps * cfg.batch_size // 8))
+    return dataclasses.replace(cfg, optimizer=opt, lr=cfg.lr or recommended_lr(opt, steps), dead_window_tokens=cfg.dead_window_tokens or window,
+                               min_lr_frac=1.0 if opt == "adamw-schedulefree" else cfg.min_lr_frac)
+
 def make_optimizer(params, cfg: TrainConfig):
     """AdamW, or schedule-free AdamW (`cfg.optimizer`), at `cfg.lr`; the learning-rate schedule (warmup, decay) is the
     trainer's either way. A schedule-free optimizer starts in training mode (see `Trainer.averaged`)."""
@@ -215,6 +236,7 @@ class Trainer:
             raise ValueError(f"{self.name}: {train_data.num_rows} training rows is less than one batch of {cfg.batch_size}; "
                              f"extract more tokens (--num-tokens) or lower train.batch_size")
         self.total_steps = total_steps or self.steps_per_epoch * cfg.num_epochs
+        self.cfg = cfg = resolve_recipe(cfg, model, self.total_steps)
         self.opt = make_optimizer(model.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total_steps, cfg.warmup_frac, cfg.min_lr_frac))
         d_sae = getattr(getattr(model, "cfg", None), "d_sae", None) or model.W_dec_FD.shape[0]
@@ -393,7 +415,7 @@ class Trainer:
         summary = {"name": self.name, "steps": self.step, "epochs": self.cfg.num_epochs, "train_rows_per_epoch": self.train_data.num_rows,
                    "train_seconds": self.t_train, "tokens_per_second": self.step * self.cfg.batch_size / max(self.t_train, 1e-9),
                    "best_val_fvu": min(self.best, final["val_fvu"]), "wandb_run_id": self.run_id, **final, **self.meta,
-                   **self.dead_latents()}
+                   **self.dead_latents(), "recipe": {k: getattr(self.cfg, k) for k in ("optimizer", "lr", "min_lr_frac", "dead_window_tokens")}}
         if self.main:
             self.save_fn(self.model, self.out_dir, overwrite=True)
             if (self.ckpt_dir / "settings.json").exists():   # what it was trained with, kept with it: reuse compares against it

@@ -267,7 +267,7 @@ def bench_trainer(x_ND, val_ND, a: dict, tmp) -> Trainer:
     common = dict(batch_size=B, num_epochs=1, checkpoint_every=10**9, log_every=10**9, wandb_mode="disabled", device=a["device"])
     tcfg = (TrainConfig(**common) if a["recipe"] == "own" else
             TrainConfig(lr=a["lr"], warmup_frac=0.0, min_lr_frac=1.0, dead_window_tokens=a["dead_window_tokens"],
-                        optimizer=a.get("optimizer", "adamw"), **common))
+                        auxk_coefficient=a["auxk_coefficient"], optimizer=a.get("optimizer", "adamw"), **common))
     return Trainer(sae, TensorBatches(x_ND, B), TensorBatches(val_ND, 4096, "val"), tcfg, Path(tmp) / "sae", Path(tmp) / "ck", save_sae,
                    progress=False, perf=PerfConfig(sparse_decoder=a.get("sparse_decoder", True),
                                                    encoder_dtype=a.get("encoder_dtype", "auto"), prefetch=0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import logging
 import re
 import random
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'auroc', 'split_by_question',
            'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items', 'qa_prompt',
-           'score_answer', 'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors',
-           'compare_detectors', 'format_report', 'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
+           'shared_prefix', 'score_answer', 'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted',
+           'fit_detectors', 'compare_detectors', 'format_report', 'evaluate_truthfulqa', 'save_scores_csv',
+           'plot_calibration']
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #c037e28a
 def auroc(scores, labels) -> float:
@@ -125,20 +127,40 @@ def truthfulqa_items(examples, n_incorrect: int = 1) -> list:
 def qa_prompt(question: str) -> str: return f"Q: {question}\nA:"
 
 @torch.no_grad()
-def score_answer(model, tokenizer, saes: dict, question: str, answer: str, top_k: int = 16, prompt: str | None = None) -> dict:
+def shared_prefix(model, tokenizer, prompts, min_tokens: int = 16):
+    """`(ids, keyword, cache)`: the token ids every prompt of `prompts` starts with (BOS, and for the model's own answers
+    the primer) and their KV cache (passed to the model by `keyword`), for `score_answer` to encode them once; `None` when they share fewer than
+    `min_tokens` or the model's cache cannot be cut back to them after each use (`crop`)."""
+    ids = [answer_positions(tokenizer, p)[0][0].tolist() for p in dict.fromkeys(prompts)]
+    if not ids: return None
+    P = min(map(len, ids)) - 1                                    # at least the last prompt token is left to each answer
+    P = next((t for t in range(P) if any(i[t] != ids[0][t] for i in ids)), P)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"   # its name in this version
+    if P < min_tokens: return None
+    cache = getattr(model(input_ids=torch.tensor([ids[0][:P]], device=next(model.parameters()).device), use_cache=True), key, None)
+    return (ids[0][:P], key, cache) if callable(getattr(cache, "crop", None)) and callable(getattr(cache, "get_seq_length", None)) else None
+
+@torch.no_grad()
+def score_answer(model, tokenizer, saes: dict, question: str, answer: str, top_k: int = 16, prompt: str | None = None,
+                 prefix=None) -> dict:
     """What every detector reads from one answer after `prompt` (default `qa_prompt(question)`): `mean_logprob`,
     `answer_tokens`, the tracker's `features` (`LayerFeatures` per SAE layer), the mean residual per block `resid_LD`,
     and the SAE activations of the SAE layers mean- and max-pooled over the positions read, `sae_F` (layer by layer:
-    mean over d_sae, then max)."""
+    mean over d_sae, then max). With `prefix` (`shared_prefix`) the tokens it holds are not encoded again."""
     prompt, answer = prompt or qa_prompt(question), " " + answer.strip()
     ids_1T, pos = answer_positions(tokenizer, prompt, answer)
     dev = next(model.parameters()).device
     hps = layer_hookpoints(model)
+    n = len(prefix[0]) if prefix is not None and pos[0] >= len(prefix[0]) and ids_1T[0, :len(prefix[0])].tolist() == prefix[0] else 0
     resid = {}
     def read(name, act): resid[name] = act.detach()
     with hooked(model, hps, read=read):
-        logits_1TV = model(ids_1T.to(dev)).logits
-    logp_TV = logits_1TV[0, pos[0]:pos[-1]].float().log_softmax(-1)
+        if n:
+            try: logits_1TV = model(ids_1T[:, n:].to(dev), **{prefix[1]: prefix[2]}, use_cache=True).logits
+            finally: prefix[2].crop(n - prefix[2].get_seq_length())    # back to the prefix alone (a count to remove: any version)
+        else: logits_1TV = model(ids_1T.to(dev)).logits
+    if n: resid = {k: torch.nn.functional.pad(v, (0, 0, n, 0)) for k, v in resid.items()}   # prefix positions are never read
+    logp_TV = logits_1TV[0, pos[0] - n:pos[-1] - n].float().log_softmax(-1)
     mean_logprob = float(logp_TV.gather(1, ids_1T[0, pos[1]:].to(dev)[:, None]).mean())
     feats = prompt_features(model, tokenizer, saes, prompt, answer, top_k, resid=resid)
     pooled = []
@@ -187,14 +209,16 @@ def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTr
                 progress: bool = True, thresholds=TRACK_THRESHOLDS) -> tuple:
     """`(rows, arrays)`: each item with its log-prob, token count and track statistics (at `tracker`'s threshold), and
     the arrays the other detectors read: `resid_NLD`, `sae_NF`, `stats_NGS` (statistics at every threshold of
-    `thresholds`, plus `tracker`'s own), `thresholds`, `threshold` (`tracker`'s), `sae_layers`."""
+    `thresholds`, plus `tracker`'s own), `thresholds`, `threshold` (`tracker`'s), `sae_layers`. The tokens all prompts
+    share (the primer of the model's own answers) are encoded once (`shared_prefix`)."""
     tracker = tracker or HypothesisTracker()
     grid = sorted(set(thresholds) | {tracker.threshold})
     trackers = [copy.copy(tracker) for _ in grid]
     for t, th in zip(trackers, grid): t.threshold = th
     rows, resid, sae, stats = [], [], [], []
+    prefix = shared_prefix(model, tokenizer, [it.get("prompt") or qa_prompt(it["question"]) for it in items])
     for it in tqdm(items, desc="scoring answers", disable=not progress):
-        s = score_answer(model, tokenizer, saes, it["question"], it["answer"], top_k, it.get("prompt"))
+        s = score_answer(model, tokenizer, saes, it["question"], it["answer"], top_k, it.get("prompt"), prefix)
         st = [track_statistics(t.track(s["features"])) for t in trackers]
         rows.append({k: v for k, v in it.items() if k != "prompt"} | {"mean_logprob": s["mean_logprob"], "answer_tokens": s["answer_tokens"],
                                                                        **st[grid.index(tracker.threshold)]})
