@@ -213,7 +213,8 @@ def test_track_truthfulqa_command(run_dir, capsys):
         lo, hi = rep[name]["test_auroc_ci"]
         assert lo <= rep[name]["test_auroc"] <= hi and 0 <= rep[name]["val_auroc"] <= 1
     assert 0 <= rep["probe_all_layers"]["layer"] <= 2 and rep["probe_tracker_layers"]["layer"] in rep["sae_layers"]
-    assert rep["tracker"]["threshold"] == 0.5 and rep["sparse_probe"]["k"] in SPARSE_K
+    n_latents = 2 * sum(json.loads(f.read_text())["d_sae"] for f in (run_dir / "saes").glob("*/cfg.json"))   # mean- and max-pooled
+    assert rep["tracker"]["threshold"] == 0.5 and rep["sparse_probe"]["k"] in {min(k, n_latents) for k in SPARSE_K}
     assert rep["tracks+probe"]["layer"] == rep["probe_all_layers"]["layer"]
     assert rep["tracks+probe"]["threshold"] == rep["tracker_tuned"]["threshold"]
     assert set(rep["paired"]) == {f"{a}-{b}" for a, b in PAIRS}
