@@ -179,8 +179,9 @@ class TrainConfig:
     "gradient clipping threshold (0 disables)"
     normalize_decoder_every: int = 1
     "renormalise decoder rows to unit norm every N steps (the encoder compensates, so the model's output is unchanged)"
-    auxk_coefficient: float = 1 / 2
-    "weight of the AuxK loss on dead latents (topk / batchtopk), relative to the reconstruction loss"
+    auxk_coefficient: float = 0.0
+    """weight of the AuxK loss on dead latents (topk / batchtopk), relative to the reconstruction loss (0: the
+    optimizer's recommended one: 1/2 under schedule-free AdamW, 1/32 under AdamW)"""
     auxk_k: int = 0
     "dead latents the AuxK loss may use (0: `d_in // 2`)"
     dead_window_tokens: int = 0

@@ -31,9 +31,9 @@ from .sae import make_sae, save_sae
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DEAD_WINDOW_TOKENS', 'AUXK_WINDOW_TOKENS', 'LATER_FIELDS', 'lr_lambda', 'save_checkpoint', 'load_checkpoint',
-           'rank0_decides', 'init_distributed', 'prefetched', 'recommended_lr', 'resolve_recipe', 'make_optimizer',
-           'normalize_decoder', 'native_bf16', 'Trainer', 'prepare_training', 'train_sae']
+__all__ = ['log', 'DEAD_WINDOW_TOKENS', 'AUXK_WINDOW_TOKENS', 'RECOMMENDED_AUXK', 'LATER_FIELDS', 'lr_lambda', 'save_checkpoint',
+           'load_checkpoint', 'rank0_decides', 'init_distributed', 'prefetched', 'recommended_lr', 'resolve_recipe',
+           'make_optimizer', 'normalize_decoder', 'native_bf16', 'Trainer', 'prepare_training', 'train_sae']
 
 # %% ../../nbs/25_dict_trainer.ipynb #654e7ed4
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -167,15 +167,19 @@ def recommended_lr(optimizer: str, steps: int) -> float:
 AUXK_WINDOW_TOKENS = 200_000
 "the longest window `TrainConfig(dead_window_tokens=0)` gives AuxK"
 
+RECOMMENDED_AUXK = {"adamw": 1 / 32, "adamw-schedulefree": 1 / 2}
+"the AuxK weight `TrainConfig(auxk_coefficient=0)` trains with under each optimizer (the sweep above)"
+
 def resolve_recipe(cfg: TrainConfig, model, steps: int) -> TrainConfig:
     """`cfg` with its automatic values filled in for `model` and a run of `steps` steps: `optimizer='auto'` is the
     model's `auto_optimizer` (schedule-free AdamW for TopK and BatchTopK SAEs, AdamW otherwise), `lr=0` that
-    optimizer's `recommended_lr`, `dead_window_tokens=0` an eighth of the run's tokens (at least a batch, at most
-    `AUXK_WINDOW_TOKENS`). Under schedule-free AdamW the learning rate is constant after its warmup: no decay
-    (`min_lr_frac` 1), the average takes its place."""
+    optimizer's `recommended_lr`, `auxk_coefficient=0` its `RECOMMENDED_AUXK`, `dead_window_tokens=0` an eighth of the
+    run's tokens (at least a batch, at most `AUXK_WINDOW_TOKENS`). Under schedule-free AdamW the learning rate is
+    constant after its warmup: no decay (`min_lr_frac` 1), the average takes its place."""
     opt = getattr(model, "auto_optimizer", "adamw") if cfg.optimizer == "auto" else cfg.optimizer
     window = max(cfg.batch_size, min(AUXK_WINDOW_TOKENS, steps * cfg.batch_size // 8))
     return dataclasses.replace(cfg, optimizer=opt, lr=cfg.lr or recommended_lr(opt, steps), dead_window_tokens=cfg.dead_window_tokens or window,
+                               auxk_coefficient=cfg.auxk_coefficient or RECOMMENDED_AUXK[opt],
                                min_lr_frac=1.0 if opt == "adamw-schedulefree" else cfg.min_lr_frac)
 
 def make_optimizer(params, cfg: TrainConfig):
@@ -415,7 +419,7 @@ class Trainer:
         summary = {"name": self.name, "steps": self.step, "epochs": self.cfg.num_epochs, "train_rows_per_epoch": self.train_data.num_rows,
                    "train_seconds": self.t_train, "tokens_per_second": self.step * self.cfg.batch_size / max(self.t_train, 1e-9),
                    "best_val_fvu": min(self.best, final["val_fvu"]), "wandb_run_id": self.run_id, **final, **self.meta,
-                   **self.dead_latents(), "recipe": {k: getattr(self.cfg, k) for k in ("optimizer", "lr", "min_lr_frac", "dead_window_tokens")}}
+                   **self.dead_latents(), "recipe": {k: getattr(self.cfg, k) for k in ("optimizer", "lr", "min_lr_frac", "auxk_coefficient", "dead_window_tokens")}}
         if self.main:
             self.save_fn(self.model, self.out_dir, overwrite=True)
             if (self.ckpt_dir / "settings.json").exists():   # what it was trained with, kept with it: reuse compares against it
