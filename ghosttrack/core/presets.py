@@ -12,10 +12,13 @@ from .run_config import RunConfig
 __all__ = ['PRESETS', 'get_preset']
 
 # %% ../../nbs/02_core_presets.ipynb #8b7fd82a
+_MEASURED = dict(optimizer="adamw", auxk_coefficient=1 / 32)
+"the training recipe every preset was measured with (AdamW, AuxK weight 1/32), pinned against changes of the defaults"
+
 _DEMO = dict(corpus=dict(source="stdlib", context_len=128),
              extract=dict(model="smollm2-135m", layers="3,9,15", num_tokens=49_152, batch_size=8, shard_tokens=8192),
              sae=dict(architecture="topk", expansion_factor=8, k=32),
-             train=dict(optimizer="adamw", auxk_coefficient=1 / 32, lr=1e-3, batch_size=512, num_epochs=6, dead_window_tokens=100_000, checkpoint_every=50),
+             train=dict(_MEASURED, lr=1e-3, batch_size=512, num_epochs=6, dead_window_tokens=100_000, checkpoint_every=50),
              perf=dict(sparse_decoder=True))
 
 PRESETS = {
@@ -23,7 +26,7 @@ PRESETS = {
                  corpus=dict(source="stdlib", context_len=64),
                  extract=dict(model="smollm2-135m", layers="1,2", num_tokens=2048, batch_size=8, shard_tokens=1024),
                  sae=dict(architecture="topk", expansion_factor=2, k=8),
-                 train=dict(optimizer="adamw", auxk_coefficient=1 / 32, lr=2e-3, batch_size=256, num_epochs=2, dead_window_tokens=4096, checkpoint_every=20,
+                 train=dict(_MEASURED, lr=2e-3, batch_size=256, num_epochs=2, dead_window_tokens=4096, checkpoint_every=20,
                             wandb_mode="disabled"),
                  clt=dict(pairs="1:2", expansion_factor=2, k=8),
                  track=dict(max_questions=12)),
@@ -33,7 +36,7 @@ PRESETS = {
                        extract=dict(model="gpt2", layers="all", num_tokens=10_000_000, batch_size=64,
                                     shard_tokens=262_144, dtype="float16", device="cuda"),
                        sae=dict(architecture="topk", expansion_factor=32, k=64),
-                       train=dict(optimizer="adamw", auxk_coefficient=1 / 32, lr=2e-4, batch_size=4096, num_epochs=1, dead_window_tokens=10_000_000,
+                       train=dict(_MEASURED, lr=2e-4, batch_size=4096, num_epochs=1, dead_window_tokens=10_000_000,
                                   checkpoint_every=500, device="cuda"),
                        stages=["extract", "train", "evaluate", "interpret", "report"]),
     "tsp20": dict(name="tsp20", eval_rows=500,
@@ -41,7 +44,7 @@ PRESETS = {
                            baseline_eval_size=2000, val_size=200),
                   extract=dict(model="tsp-policy", layers="all", num_tokens=100_000, batch_size=256, shard_tokens=20_000),
                   sae=dict(architecture="topk", expansion_factor=8, k=16),
-                  train=dict(optimizer="adamw", auxk_coefficient=1 / 32, lr=1e-3, batch_size=512, num_epochs=4, dead_window_tokens=50_000, checkpoint_every=50),
+                  train=dict(_MEASURED, lr=1e-3, batch_size=512, num_epochs=4, dead_window_tokens=50_000, checkpoint_every=50),
                   clt=dict(pairs="0:2", expansion_factor=8, k=16),
                   stages=["tsp", "extract", "train", "clt", "evaluate", "attribute", "report"]),
     "tsp-tiny": dict(name="tsp-tiny", eval_rows=32,
@@ -49,7 +52,7 @@ PRESETS = {
                               lr=2e-3, baseline_eval_size=256, val_size=32, log_every=4, wandb_mode="disabled"),
                      extract=dict(model="tsp-policy", layers="all", num_tokens=2000, batch_size=64, shard_tokens=1000),
                      sae=dict(architecture="topk", expansion_factor=2, k=4),
-                     train=dict(optimizer="adamw", auxk_coefficient=1 / 32, lr=3e-3, batch_size=128, num_epochs=2, dead_window_tokens=2000, checkpoint_every=20,
+                     train=dict(_MEASURED, lr=3e-3, batch_size=128, num_epochs=2, dead_window_tokens=2000, checkpoint_every=20,
                                 wandb_mode="disabled"),
                      clt=dict(pairs="0:1", expansion_factor=2, k=4),
                      stages=["tsp", "extract", "train", "clt", "evaluate", "attribute", "report"]),
@@ -64,7 +67,7 @@ PRESETS = {
                      corpus=dict(source="wikitext", context_len=128),
                      extract=dict(model="smollm2-135m", num_tokens=32_768, batch_size=8, shard_tokens=8192, dtype="float16"),
                      clt=dict(pairs="mlp", architecture="topk", expansion_factor=8, k=32, skip=True),
-                     train=dict(optimizer="adamw", auxk_coefficient=1 / 32, lr=1e-3, batch_size=512, num_epochs=3, dead_window_tokens=100_000, checkpoint_every=50),
+                     train=dict(_MEASURED, lr=1e-3, batch_size=512, num_epochs=3, dead_window_tokens=100_000, checkpoint_every=50),
                      attribute=dict(prompts=["The capital of France is", "The Eiffel Tower is in the city of",
                                              "The largest planet in the solar system is", "The opposite of hot is"]),
                      stages=["clt", "attribute", "report"]),

@@ -94,8 +94,8 @@ def clt_rows(g: dict) -> list:
                      "beats linear": "pass" if e["r2"] >= e["baseline_r2"] else "miss (below the least-squares map)"})
     return rows
 
-TRACKING_TASKS = (("reference answers", None, "explanations"), ("the model's own answers", "own_answers", "own_answers_explanations"))
-"(title, key in `auroc.json` (None: the top level), explanation files' name) of the two TruthfulQA tasks"
+TRACKING_TASKS = (("reference answers", None, ""), ("the model's own answers", "own_answers", "own_answers_"))
+"(title, key in `auroc.json` (None: the top level), prefix of its files in `tracking/`) of the two TruthfulQA tasks"
 
 def tracking_sections(auroc: dict) -> list:
     """(title, markdown) of each TruthfulQA task in `auroc` (`tracking/auroc.json`): the detectors' test AUROC with
@@ -120,8 +120,8 @@ def tracking_sections(auroc: dict) -> list:
 def tracking_images(run) -> dict:
     "The PNGs of `ghosttrack track --truthfulqa` in the run folder (explanations, calibration), by title."
     t, found = Path(run) / "tracking", {}
-    for title, key, name in TRACKING_TASKS:
-        for what, f in (("why flagged", t / f"{name}.png"), ("calibration", t / f"{'own_answers_' if key else ''}calibration.png")):
+    for title, _, prefix in TRACKING_TASKS:
+        for what, f in (("why flagged", t / f"{prefix}explanations.png"), ("calibration", t / f"{prefix}calibration.png")):
             if f.exists(): found[f"{what.capitalize()}: {title}"] = f.read_bytes()
     return found
 

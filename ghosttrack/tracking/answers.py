@@ -16,7 +16,8 @@ from ..core.runlog import tqdm
 
 from ..core.io import atomic_path
 from ..data.corpus import _bos_id, asset
-from .hallucination import SPLITS, compare_detectors, fit_detectors, qa_prompt, score_items
+from .hallucination import (SPLITS, common_prefix, compare_detectors, encode_prefix, fit_detectors, qa_prompt,
+                                               score_items)
 from .tracker import HypothesisTracker
 
 # %% auto #0
@@ -52,12 +53,11 @@ def _newline_ids(tokenizer) -> list:
     "Ids of the tokens whose text holds a newline: the tokens that end the first line (what `stop_strings=['\\n']` stops on)."
     return [i for i, t in enumerate(tokenizer.batch_decode([[i] for i in range(len(tokenizer))])) if "\n" in t]
 
-def _prefix_cache(model, prefix: list, dev):
-    "The KV cache of the token ids `prefix` (batch 1), with the keyword `generate` takes it by; `None` where it cannot be reused."
+def _prefix_cache(model, prefix: list):
+    "`encode_prefix`'s `(keyword, cache)` of the token ids `prefix`, for `generate`; `None` where it cannot be reused."
     params = inspect.signature(model.forward).parameters
-    key = "cache" if "cache" in params else "past_key_values"
-    if key not in params or "position_ids" not in params: return None            # positions must come from the mask
-    cache = getattr(model(input_ids=torch.tensor([prefix], device=dev), use_cache=True), key, None)
+    if not {"cache", "past_key_values"} & set(params) or "position_ids" not in params: return None   # positions must come from the mask
+    key, cache = encode_prefix(model, prefix)
     plain = all(type(l).__name__ == "DynamicLayer" for l in getattr(cache, "layers", [])) and type(cache).__name__ == "DynamicCache"
     return (key, cache) if plain and hasattr(cache, "batch_repeat_interleave") else None
 
@@ -79,9 +79,8 @@ def generate_answers(model, tokenizer, questions, n_samples: int = 4, max_new_to
     stop = dict(eos_token_id=eos + [i for i in _newline_ids(tokenizer) if i not in eos], pad_token_id=pad)
     prompts = [answer_prompt(q, primer) for q in questions]
     ids = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    P = min(len(i) for i in ids) - 1                                        # the shared prefix, at least one token left per row
-    P = next((t for t in range(P) if any(i[t] != ids[0][t] for i in ids)), P)
-    cached = _prefix_cache(model, ids[0][:P], dev) if prefix_cache and P else None
+    P = common_prefix(ids)                                                  # the shared prefix, at least one token left per row
+    cached = _prefix_cache(model, ids[0][:P]) if prefix_cache and P else None
     if cached is None: P = 0
     out = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):

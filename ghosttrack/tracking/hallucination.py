@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'auroc', 'split_by_question',
            'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items', 'qa_prompt',
-           'shared_prefix', 'score_answer', 'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted',
-           'fit_detectors', 'compare_detectors', 'format_report', 'evaluate_truthfulqa', 'save_scores_csv',
-           'plot_calibration']
+           'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answer', 'text_features', 'subsample',
+           'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors', 'compare_detectors', 'format_report',
+           'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #c037e28a
 def auroc(scores, labels) -> float:
@@ -126,18 +126,26 @@ def truthfulqa_items(examples, n_incorrect: int = 1) -> list:
 
 def qa_prompt(question: str) -> str: return f"Q: {question}\nA:"
 
+def common_prefix(ids: list) -> int:
+    "How many leading token ids all rows of `ids` share, leaving each row at least its last token."
+    P = min(map(len, ids)) - 1
+    return next((t for t in range(P) if any(i[t] != ids[0][t] for i in ids)), P)
+
 @torch.no_grad()
+def encode_prefix(model, prefix: list) -> tuple:
+    """`(keyword, cache)`: the KV cache of the token ids `prefix` (batch 1) and the keyword the model takes it by
+    (`cache` in transformers 5, `past_key_values` before); the cache is `None` where the model returns none."""
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=torch.tensor([prefix], device=next(model.parameters()).device), use_cache=True)
+    return key, getattr(out, key, None)
+
 def shared_prefix(model, tokenizer, prompts, min_tokens: int = 16):
     """`(ids, keyword, cache)`: the token ids every prompt of `prompts` starts with (BOS, and for the model's own answers
-    the primer) and their KV cache (passed to the model by `keyword`), for `score_answer` to encode them once; `None` when they share fewer than
-    `min_tokens` or the model's cache cannot be cut back to them after each use (`crop`)."""
+    the primer) and their KV cache (`encode_prefix`), for `score_answer` to encode them once; `None` when they share
+    fewer than `min_tokens` or the model's cache cannot be cut back to them after each use (`crop`)."""
     ids = [answer_positions(tokenizer, p)[0][0].tolist() for p in dict.fromkeys(prompts)]
-    if not ids: return None
-    P = min(map(len, ids)) - 1                                    # at least the last prompt token is left to each answer
-    P = next((t for t in range(P) if any(i[t] != ids[0][t] for i in ids)), P)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"   # its name in this version
-    if P < min_tokens: return None
-    cache = getattr(model(input_ids=torch.tensor([ids[0][:P]], device=next(model.parameters()).device), use_cache=True), key, None)
+    if not ids or (P := common_prefix(ids)) < min_tokens: return None
+    key, cache = encode_prefix(model, ids[0][:P])
     return (ids[0][:P], key, cache) if callable(getattr(cache, "crop", None)) and callable(getattr(cache, "get_seq_length", None)) else None
 
 @torch.no_grad()
