@@ -225,8 +225,8 @@ class PerfConfig:
     "allow TF32 tensor-core matmuls on CUDA (no effect on CPU)"
     compile: bool = False
     "`torch.compile` the forward"
-    sparse_decoder: bool = False
-    "TopK only: decode from the `k` active rows instead of a dense matmul"
+    sparse_decoder: bool = True
+    "TopK: decode from the `k` active rows instead of a dense matmul (same result; other architectures ignore it)"
     encoder_dtype: str = "float32"
     """with the sparse decoder: dtype of the encoder's forward matmul in training (`float32`, `bfloat16`, or `auto`:
     bfloat16 where the hardware multiplies it natively); weights, gradients and the decoder stay float32"""

@@ -212,6 +212,7 @@ def normalization_stats(z_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, to
 class CLTMixin:
     "Turns an SAE class into a transcoder: encode `x_src` `[..., d_in]`, decode to `[..., d_out]`, score against `y_tgt`."
     auto_optimizer = "adamw"   # schedule-free at 1e-2 is not measured on transcoders: they keep AdamW (see `25_dict_trainer`)
+    has_sparse_decoder = False   # a transcoder's forward is its own (targets, skip): always the dense path
     def __init__(self, cfg: CLTConfig):
         if not isinstance(cfg, CLTConfig) or not cfg.d_out:
             raise ValueError(f"a transcoder needs a CLTConfig with d_out set, got {type(cfg).__name__} (d_out={getattr(cfg, 'd_out', None)}); "

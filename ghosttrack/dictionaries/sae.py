@@ -20,7 +20,8 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
            'SAEOutput', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE',
-           'make_sae', 'sparse_decode', 'PreActsAt', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
+           'make_sae', 'sparse_decode', 'PreActsAt', 'SparsePreActs', 'synthetic_sparse_data', 'saelens_cfg',
+           'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
 @dataclass
@@ -122,17 +123,30 @@ class SAE(nn.Module):
         aux = auxk_coefficient * self.auxk_loss(x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var, pre_at)
         return SAEOutput(x_hat_BD, acts_BF, pre_BF, recon + sparsity + aux, recon, sparsity, aux, top)
 
+    auxk_dense_factor = 6
+    """AuxK over at most `auxk_dense_factor · auxk_k` dead latents multiplies their columns densely (`[B, dead]`
+    matmuls); over more it gathers each row's top `auxk_k` (timed in "AuxK, dense over the dead columns" below)"""
+
     def auxk_loss(self, x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var, pre_at=None) -> torch.Tensor:
         """Residual reconstruction from the top-`auxk_k` dead latents (0 unless `uses_auxk` and some latent is dead).
-        `pre_at(idx_BK)` gives the chosen pre-activations with their gradient (default: gathered from `pre_BF`)."""
+        `pre_at(idx_BK)` gives the chosen pre-activations with their gradient (default: gathered from `pre_BF`), and
+        `pre_at.columns(cols_N)`, where it exists, whole columns with their gradient (default: selected from `pre_BF`)."""
         num_dead = 0 if dead_mask_F is None or not self.uses_auxk else int(dead_mask_F.sum())
         if num_dead == 0: return pre_BF.new_zeros(())
         auxk_k = auxk_k or self.cfg.d_in // 2
         scale, k = min(num_dead / auxk_k, 1.0), min(auxk_k, num_dead)
         dead_N = dead_mask_F.nonzero().squeeze(1)
-        with torch.no_grad(): idx_BK = dead_N[pre_BF.index_select(-1, dead_N).topk(k, dim=-1, sorted=False).indices]
-        vals_BK = pre_at(idx_BK) if pre_at is not None else pre_BF.gather(-1, idx_BK)
-        e_hat_BD = sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
+        if num_dead <= self.auxk_dense_factor * auxk_k:
+            columns = getattr(pre_at, "columns", None)
+            pre_BN = columns(dead_N) if columns is not None else pre_BF.index_select(-1, dead_N)
+            if k < num_dead:   # keep each row's top k: a mask, so the matmul below stays dense
+                with torch.no_grad(): keep_BN = torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(k, dim=-1, sorted=False).indices, True)
+                pre_BN = pre_BN * keep_BN
+            e_hat_BD = pre_BN.to(self.W_dec_FD.dtype) @ self.W_dec_FD.index_select(0, dead_N)
+        else:
+            with torch.no_grad(): idx_BK = dead_N[pre_BF.index_select(-1, dead_N).topk(k, dim=-1, sorted=False).indices]
+            vals_BK = pre_at(idx_BK) if pre_at is not None else pre_BF.gather(-1, idx_BK)
+            e_hat_BD = sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
         return scale * (e_hat_BD.float() - (x_BD - x_hat_BD).detach().float()).pow(2).sum() / total_var
 
     @torch.no_grad()
@@ -157,9 +171,11 @@ class SAE(nn.Module):
     @torch.no_grad()
     def remove_parallel_grads_(self):
         "Remove the part of `W_dec_FD.grad` parallel to each row, so a step turns rows instead of stretching them."
-        if self.W_dec_FD.grad is None: return
-        u_FD = self.W_dec_FD / self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        self.W_dec_FD.grad -= (self.W_dec_FD.grad * u_FD).sum(1, keepdim=True) * u_FD
+        W_FD, g_FD = self.W_dec_FD, self.W_dec_FD.grad
+        if g_FD is None: return
+        # g − (g·W / W·W) W, in three passes over the decoder and without a [d_sae, d_in] temporary
+        coef_F = torch.linalg.vecdot(g_FD, W_FD) / torch.linalg.vecdot(W_FD, W_FD).clamp_min(1e-16)
+        g_FD.addcmul_(coef_F[:, None], W_FD, value=-1)
 
     def saelens_tensors(self) -> dict:
         "The weights under SAELens's names and shapes."
@@ -210,6 +226,8 @@ class TopKSAE(SAE):
 
     sparse_decoder = False
     "decode from the `k` active rows (`use_sparse_decoder`) instead of a dense `[B, d_sae] @ W_dec` matmul"
+    has_sparse_decoder = True
+    "whether `use_sparse_decoder` can switch it on (what `PerfConfig.sparse_decoder` asks of the trainer)"
 
     def activate(self, pre_BF):
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
@@ -227,13 +245,12 @@ class TopKSAE(SAE):
 
     def code(self, x_BD):
         if not self.sparse_decoder: return super().code(x_BD)
-        if self.cfg.apply_b_dec_to_input: x_BD = x_BD - self.b_dec
         dt = self.encoder_dtype if self.training else None
-        with torch.no_grad():   # gradients go only to the columns read below
-            pre_BF = (x_BD @ self.W_enc_DF + self.b_enc if dt is None else
-                      torch.addmm(self.b_enc.to(dt), x_BD.to(dt), self.W_enc_DF.to(dt)))
-        pre_at = lambda idx_BK: PreActsAt.apply(x_BD, self.W_enc_DF, self.b_enc, pre_BF, idx_BK)
-        if dt is not None: pre_at = lambda idx_BK, at=pre_at: at(idx_BK).to(self.W_enc_DF.dtype)
+        with torch.no_grad():   # gradients go only to the entries and columns read below
+            xs_BD = x_BD - self.b_dec if self.cfg.apply_b_dec_to_input else x_BD
+            pre_BF = (xs_BD @ self.W_enc_DF + self.b_enc if dt is None else
+                      torch.addmm(self.b_enc.to(dt), xs_BD.to(dt), self.W_enc_DF.to(dt)))
+        pre_at = SparsePreActs(self, x_BD, pre_BF)
         idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
         vals_BK = F.relu(pre_at(idx_BK))
         return pre_BF, None, sparse_decode(vals_BK, idx_BK, self.W_dec_FD, self.b_dec), pre_at, (vals_BK, idx_BK)
@@ -241,6 +258,7 @@ class TopKSAE(SAE):
 class BatchTopKSAE(TopKSAE):
     "Top `k·B` activations over the batch when training; a per-token threshold θ at inference (saved as JumpReLU)."
     architecture, saelens_architecture = "batchtopk", "jumprelu"
+    has_sparse_decoder = False
 
     def use_sparse_decoder(self, on: bool = True, encoder_dtype: torch.dtype | None = None):
         if on: raise ValueError("batchtopk keeps a varying number of latents per token; the sparse decoder is for topk only")
@@ -347,23 +365,42 @@ def sparse_decode(vals_BK: torch.Tensor, idx_BK: torch.Tensor, W_dec_FD: torch.T
     return x_hat_BD if b_dec_D is None else x_hat_BD + b_dec_D
 
 class PreActsAt(torch.autograd.Function):
-    """`pre[b, idx[b, j]]` of `pre = x W_enc + b_enc`, with `pre` computed by the caller without gradient: the backward
-    touches only the gathered encoder columns, never the dense `[B, d_sae]` matrix."""
+    """`pre[b, idx[b, j]]` of `pre = (x − b_dec) W_enc + b_enc` (no shift when `b_dec_D` is None), with `pre` computed
+    by the caller without gradient: the backward touches only the gathered encoder columns, never the dense
+    `[B, d_sae]` matrix. `b_dec`'s gradient is `−W_enc Σ_b g`, one matrix-vector product; `x`'s, which needs a
+    transposed copy of `W_enc`, is made only when `x` asks for one."""
     @staticmethod
-    def forward(ctx, x_BD, W_enc_DF, b_enc_F, pre_BF, idx_BK):
-        ctx.save_for_backward(x_BD, W_enc_DF, idx_BK)
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, pre_BF, idx_BK, b_dec_D=None):
+        ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, b_dec_D)
         return pre_BF.gather(-1, idx_BK)
 
     @staticmethod
     def backward(ctx, g_BK):
-        x_BD, W_enc_DF, idx_BK = ctx.saved_tensors
+        x_BD, W_enc_DF, idx_BK, b_dec_D = ctx.saved_tensors
         g_BK, x_BD, flat_idx = g_BK.to(W_enc_DF.dtype), x_BD.to(W_enc_DF.dtype), idx_BK.reshape(-1)
-        g_x_BD = sparse_decode(g_BK, idx_BK, W_enc_DF.T.contiguous())
+        if b_dec_D is not None: x_BD = x_BD - b_dec_D
         order = flat_idx.argsort()   # group the (row, latent) pairs by latent: one bag of rows of x per encoder column
         n_F = torch.bincount(flat_idx, minlength=W_enc_DF.shape[1])
         g_W_FD = F.embedding_bag(order // idx_BK.shape[-1], x_BD, n_F.cumsum(0) - n_F, per_sample_weights=g_BK.reshape(-1)[order], mode="sum")
         g_b_F = W_enc_DF.new_zeros(W_enc_DF.shape[1]).index_add_(0, flat_idx, g_BK.reshape(-1))
-        return g_x_BD, g_W_FD.T, g_b_F, None, None
+        g_x_BD = sparse_decode(g_BK, idx_BK, W_enc_DF.T.contiguous()) if ctx.needs_input_grad[0] else None
+        g_b_dec_D = -(W_enc_DF @ g_b_F) if ctx.needs_input_grad[5] else None
+        return g_x_BD, g_W_FD.T, g_b_F, None, None, g_b_dec_D
+
+class SparsePreActs:
+    """The sparse TopK path's pre-activations `pre_BF`, computed without gradient, read with it: entries `self(idx_BK)`
+    through `PreActsAt`, or whole columns `columns(cols_N)` recomputed in float32 (what AuxK reads densely)."""
+    def __init__(self, sae, x_BD, pre_BF): self.sae, self.x_BD, self.pre_BF = sae, x_BD, pre_BF
+
+    def __call__(self, idx_BK):
+        s = self.sae
+        b_dec_D = s.b_dec if s.cfg.apply_b_dec_to_input else None
+        return PreActsAt.apply(self.x_BD, s.W_enc_DF, s.b_enc, self.pre_BF, idx_BK, b_dec_D).to(s.W_enc_DF.dtype)
+
+    def columns(self, cols_N):
+        s = self.sae
+        xs_BD = self.x_BD - s.b_dec if s.cfg.apply_b_dec_to_input else self.x_BD
+        return torch.addmm(s.b_enc[cols_N], xs_BD.to(s.W_enc_DF.dtype), s.W_enc_DF[:, cols_N])
 
 # %% ../../nbs/20_dict_sae.ipynb #80756458
 def synthetic_sparse_data(n: int, d_in: int = 64, n_features: int = 256, k: int = 4, noise: float = 0.01,

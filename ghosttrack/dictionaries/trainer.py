@@ -250,7 +250,7 @@ class Trainer:
 
     def _setup_fast_paths(self):
         p = self.perf
-        if p.sparse_decoder:
+        if p.sparse_decoder and getattr(self.model, "has_sparse_decoder", False):
             half = p.encoder_dtype == "bfloat16" or (p.encoder_dtype == "auto" and native_bf16(self.device))
             self.model.use_sparse_decoder(encoder_dtype=torch.bfloat16 if half else None)
         if self.device.type == "cuda" and p.tf32:
