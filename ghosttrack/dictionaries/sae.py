@@ -19,9 +19,9 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
-           'SAEOutput', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE',
-           'make_sae', 'sparse_decode', 'PreActsAt', 'SparsePreActs', 'synthetic_sparse_data', 'saelens_cfg',
-           'save_sae', 'load_sae']
+           'SAEOutput', 'AuxPlan', 'auxk_score', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE',
+           'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt', 'SparseTopK', 'synthetic_sparse_data',
+           'saelens_cfg', 'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
 @dataclass
@@ -53,6 +53,26 @@ class SAEOutput:
         return self.dense_acts
 
 # %% ../../nbs/20_dict_sae.ipynb #d3e24b3c
+@dataclass
+class AuxPlan:
+    "AuxK on one batch: the dead latents, how many of them each row keeps, the loss's scale, and dense or gathered."
+    dead_N: torch.Tensor
+    k: int
+    scale: float
+    "`min(dead / auxk_k, 1)`: fewer dead latents than `auxk_k` weigh less, as in SAELens and sparsify"
+    dense: bool
+
+    def keep_top(self, pre_BN: torch.Tensor) -> torch.Tensor:
+        "`pre_BN` (the dead columns) with all but each row's top `k` zeroed, gradient kept on those."
+        if self.k >= pre_BN.shape[-1]: return pre_BN
+        with torch.no_grad(): keep_BN = torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(self.k, dim=-1, sorted=False).indices, True)
+        return pre_BN * keep_BN
+
+def auxk_score(x_BD, x_hat_BD, e_hat_BD, aux: AuxPlan | None, total_var) -> torch.Tensor:
+    "AuxK's loss: how much of the residual `x − x̂` (no gradient) its reconstruction `e_hat_BD` leaves, over `total_var`."
+    if aux is None: return x_hat_BD.new_zeros((), dtype=torch.float32)
+    return aux.scale * (e_hat_BD.float() - (x_BD - x_hat_BD).detach().float()).pow(2).sum() / total_var
+
 class SAE(nn.Module):
     "Sparse autoencoder base: `pre = (x - b_dec) W_enc + b_enc`, `acts = σ(pre)`, `x̂ = acts W_dec + b_dec`."
     architecture = ""
@@ -98,13 +118,13 @@ class SAE(nn.Module):
     def sparsity_loss(self, pre_BF, acts_BF, sigma) -> torch.Tensor:
         return pre_BF.new_zeros(())
 
-    def code(self, x_BD: torch.Tensor) -> tuple:
-        """`(pre_BF, acts_BF, x_hat_BD, pre_at, top)` of rows `x_BD`, where `pre_at(idx_BK)` gives the pre-activations
-        at `idx_BK` with their gradient (what AuxK reads) and `top` is the sparse form of the code or None (`acts_BF` is
-        None when `top` holds the code): the plain dense path (TopK overrides it with a sparse one)."""
+    def code(self, x_BD: torch.Tensor, aux: AuxPlan | None = None) -> tuple:
+        """`(pre_BF, acts_BF, x_hat_BD, e_hat_BD, top)` of rows `x_BD`: `e_hat_BD` is AuxK's reconstruction of the
+        residual under `aux` (None without one) and `top` the sparse form of the code or None (`acts_BF` is None when
+        `top` holds the code): the plain dense path (TopK overrides it with a sparse one)."""
         pre_BF = self.pre_acts(x_BD)
         acts_BF = self.activate(pre_BF)
-        return pre_BF, acts_BF, self.decode(acts_BF), lambda idx_BK: pre_BF.gather(-1, idx_BK), None
+        return pre_BF, acts_BF, self.decode(acts_BF), self.auxk_decode(pre_BF, aux), None
 
     def forward(self, x_BD: torch.Tensor, dead_mask_F: torch.Tensor | None = None, *,
                 auxk_k: int | None = None, auxk_coefficient: float = 1 / 32,
@@ -113,41 +133,45 @@ class SAE(nn.Module):
         For one slice of a larger batch (gradient accumulation, one DDP rank), pass that batch's `total_var` and
         `total_rows`: the slices' losses then add up to the whole batch's loss."""
         x_BD = x_BD.reshape(-1, self.cfg.d_in)
-        pre_BF, acts_BF, x_hat_BD, pre_at, top = self.code(x_BD)
+        aux_plan = self.auxk_plan(dead_mask_F, auxk_k)
+        pre_BF, acts_BF, x_hat_BD, e_hat_BD, top = self.code(x_BD, aux_plan)
         x32_BD = x_BD.float()   # sums of squares in float32 even under autocast
         if total_var is None: total_var = (x32_BD - x32_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
         share = 1.0 if total_rows is None else len(x_BD) / total_rows
         recon = (x_hat_BD.float() - x32_BD).pow(2).sum() / total_var
         sigma = (total_var / ((total_rows or len(x_BD)) * self.cfg.d_in)).sqrt()
         sparsity = share * self.sparsity_loss(pre_BF, acts_BF, sigma)
-        aux = auxk_coefficient * self.auxk_loss(x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var, pre_at)
+        aux = auxk_coefficient * auxk_score(x_BD, x_hat_BD, e_hat_BD, aux_plan, total_var)
         return SAEOutput(x_hat_BD, acts_BF, pre_BF, recon + sparsity + aux, recon, sparsity, aux, top)
 
-    auxk_dense_factor = 6
+    auxk_dense_factor = 10
     """AuxK over at most `auxk_dense_factor · auxk_k` dead latents multiplies their columns densely (`[B, dead]`
     matmuls); over more it gathers each row's top `auxk_k` (timed in "AuxK, dense over the dead columns" below)"""
 
-    def auxk_loss(self, x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var, pre_at=None) -> torch.Tensor:
-        """Residual reconstruction from the top-`auxk_k` dead latents (0 unless `uses_auxk` and some latent is dead).
-        `pre_at(idx_BK)` gives the chosen pre-activations with their gradient (default: gathered from `pre_BF`), and
-        `pre_at.columns(cols_N)`, where it exists, whole columns with their gradient (default: selected from `pre_BF`)."""
+    def auxk_plan(self, dead_mask_F, auxk_k=None) -> AuxPlan | None:
+        "What AuxK does on a batch with these dead latents; None when nothing (not `uses_auxk`, or none dead)."
         num_dead = 0 if dead_mask_F is None or not self.uses_auxk else int(dead_mask_F.sum())
-        if num_dead == 0: return pre_BF.new_zeros(())
+        if num_dead == 0: return None
         auxk_k = auxk_k or self.cfg.d_in // 2
-        scale, k = min(num_dead / auxk_k, 1.0), min(auxk_k, num_dead)
-        dead_N = dead_mask_F.nonzero().squeeze(1)
-        if num_dead <= self.auxk_dense_factor * auxk_k:
-            columns = getattr(pre_at, "columns", None)
-            pre_BN = columns(dead_N) if columns is not None else pre_BF.index_select(-1, dead_N)
-            if k < num_dead:   # keep each row's top k: a mask, so the matmul below stays dense
-                with torch.no_grad(): keep_BN = torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(k, dim=-1, sorted=False).indices, True)
-                pre_BN = pre_BN * keep_BN
-            e_hat_BD = pre_BN.to(self.W_dec_FD.dtype) @ self.W_dec_FD.index_select(0, dead_N)
-        else:
-            with torch.no_grad(): idx_BK = dead_N[pre_BF.index_select(-1, dead_N).topk(k, dim=-1, sorted=False).indices]
-            vals_BK = pre_at(idx_BK) if pre_at is not None else pre_BF.gather(-1, idx_BK)
-            e_hat_BD = sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
-        return scale * (e_hat_BD.float() - (x_BD - x_hat_BD).detach().float()).pow(2).sum() / total_var
+        return AuxPlan(dead_mask_F.nonzero().squeeze(1), min(auxk_k, num_dead), min(num_dead / auxk_k, 1.0),
+                       num_dead <= self.auxk_dense_factor * auxk_k)
+
+    def auxk_decode(self, pre_BF, aux: AuxPlan | None, pre_at=None) -> torch.Tensor | None:
+        """AuxK's reconstruction `[B, d_in]` (without `b_dec`) from each row's top `aux.k` dead latents of `pre_BF`;
+        `pre_at(idx_BK)` reads gathered pre-activations with their gradient (default: `pre_BF.gather`)."""
+        if aux is None: return None
+        if aux.dense:   # all dead columns at once, each row's top k kept by a mask: every product a dense matmul
+            pre_BN = aux.keep_top(pre_BF.index_select(-1, aux.dead_N))
+            return pre_BN.to(self.W_dec_FD.dtype) @ self.W_dec_FD.index_select(0, aux.dead_N)
+        with torch.no_grad(): idx_BK = aux.dead_N[pre_BF.index_select(-1, aux.dead_N).topk(aux.k, dim=-1, sorted=False).indices]
+        vals_BK = pre_at(idx_BK) if pre_at is not None else pre_BF.gather(-1, idx_BK)
+        return sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
+
+    def auxk_loss(self, x_BD, x_hat_BD, pre_BF, dead_mask_F, auxk_k, total_var) -> torch.Tensor:
+        """The AuxK term of targets `x_BD` reconstructed as `x_hat_BD` with pre-activations `pre_BF` (what a transcoder
+        scores); 0 unless `uses_auxk` and some latent is dead."""
+        aux = self.auxk_plan(dead_mask_F, auxk_k)
+        return auxk_score(x_BD, x_hat_BD, self.auxk_decode(pre_BF, aux), aux, total_var)
 
     @torch.no_grad()
     def init_b_dec_(self, x_sample_ND: torch.Tensor, method: str = "median"):
@@ -243,17 +267,24 @@ class TopKSAE(SAE):
         self.sparse_decoder, self.encoder_dtype = on, encoder_dtype
         return self
 
-    def code(self, x_BD):
-        if not self.sparse_decoder: return super().code(x_BD)
+    def code(self, x_BD, aux=None):
+        if not self.sparse_decoder: return super().code(x_BD, aux)
         dt = self.encoder_dtype if self.training else None
+        shift_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
         with torch.no_grad():   # gradients go only to the entries and columns read below
-            xs_BD = x_BD - self.b_dec if self.cfg.apply_b_dec_to_input else x_BD
+            xs_BD = x_BD - shift_D if shift_D is not None else x_BD
             pre_BF = (xs_BD @ self.W_enc_DF + self.b_enc if dt is None else
                       torch.addmm(self.b_enc.to(dt), xs_BD.to(dt), self.W_enc_DF.to(dt)))
-        pre_at = SparsePreActs(self, x_BD, pre_BF)
-        idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
+            idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
+        if aux is None or aux.dense:   # the code and AuxK's dead columns (if any) in one backward (`SparseTopK`)
+            dead_N, k_aux = (aux.dead_N, aux.k) if aux is not None else (idx_BK.new_zeros(0), 0)
+            x_hat_BD, e_hat_BD, vals_BK = SparseTopK.apply(x_BD, self.W_enc_DF, self.b_enc, self.W_dec_FD, self.b_dec, pre_BF,
+                                                           idx_BK, dead_N, k_aux, shift_D is not None)
+            return pre_BF, None, x_hat_BD, e_hat_BD if aux is not None else None, (vals_BK, idx_BK)
+        pre_at = lambda idx_BK: PreActsAt.apply(x_BD, self.W_enc_DF, self.b_enc, pre_BF, idx_BK, shift_D).to(self.W_enc_DF.dtype)
         vals_BK = F.relu(pre_at(idx_BK))
-        return pre_BF, None, sparse_decode(vals_BK, idx_BK, self.W_dec_FD, self.b_dec), pre_at, (vals_BK, idx_BK)
+        x_hat_BD = sparse_decode(vals_BK, idx_BK, self.W_dec_FD, self.b_dec)
+        return pre_BF, None, x_hat_BD, self.auxk_decode(pre_BF, aux, pre_at), (vals_BK, idx_BK)
 
 class BatchTopKSAE(TopKSAE):
     "Top `k·B` activations over the batch when training; a per-token threshold θ at inference (saved as JumpReLU)."
@@ -364,6 +395,13 @@ def sparse_decode(vals_BK: torch.Tensor, idx_BK: torch.Tensor, W_dec_FD: torch.T
     x_hat_BD = F.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=vals_BK.to(W_dec_FD.dtype), mode="sum")
     return x_hat_BD if b_dec_D is None else x_hat_BD + b_dec_D
 
+def _by_latent(idx_BK: torch.Tensor, n_latents: int) -> tuple:
+    "`(order, rows, offsets)` grouping the (row, latent) pairs of `idx_BK` by latent, for a per-latent `F.embedding_bag` over rows."
+    flat = idx_BK.reshape(-1)
+    order = flat.argsort()
+    n_F = torch.bincount(flat, minlength=n_latents)
+    return order, order // idx_BK.shape[-1], n_F.cumsum(0) - n_F
+
 class PreActsAt(torch.autograd.Function):
     """`pre[b, idx[b, j]]` of `pre = (x − b_dec) W_enc + b_enc` (no shift when `b_dec_D` is None), with `pre` computed
     by the caller without gradient: the backward touches only the gathered encoder columns, never the dense
@@ -379,28 +417,63 @@ class PreActsAt(torch.autograd.Function):
         x_BD, W_enc_DF, idx_BK, b_dec_D = ctx.saved_tensors
         g_BK, x_BD, flat_idx = g_BK.to(W_enc_DF.dtype), x_BD.to(W_enc_DF.dtype), idx_BK.reshape(-1)
         if b_dec_D is not None: x_BD = x_BD - b_dec_D
-        order = flat_idx.argsort()   # group the (row, latent) pairs by latent: one bag of rows of x per encoder column
-        n_F = torch.bincount(flat_idx, minlength=W_enc_DF.shape[1])
-        g_W_FD = F.embedding_bag(order // idx_BK.shape[-1], x_BD, n_F.cumsum(0) - n_F, per_sample_weights=g_BK.reshape(-1)[order], mode="sum")
+        order, rows, offsets = _by_latent(idx_BK, W_enc_DF.shape[1])   # one bag of rows of x per encoder column
+        g_W_FD = F.embedding_bag(rows, x_BD, offsets, per_sample_weights=g_BK.reshape(-1)[order], mode="sum")
         g_b_F = W_enc_DF.new_zeros(W_enc_DF.shape[1]).index_add_(0, flat_idx, g_BK.reshape(-1))
         g_x_BD = sparse_decode(g_BK, idx_BK, W_enc_DF.T.contiguous()) if ctx.needs_input_grad[0] else None
         g_b_dec_D = -(W_enc_DF @ g_b_F) if ctx.needs_input_grad[5] else None
         return g_x_BD, g_W_FD.T, g_b_F, None, None, g_b_dec_D
 
-class SparsePreActs:
-    """The sparse TopK path's pre-activations `pre_BF`, computed without gradient, read with it: entries `self(idx_BK)`
-    through `PreActsAt`, or whole columns `columns(cols_N)` recomputed in float32 (what AuxK reads densely)."""
-    def __init__(self, sae, x_BD, pre_BF): self.sae, self.x_BD, self.pre_BF = sae, x_BD, pre_BF
+class SparseTopK(torch.autograd.Function):
+    """The sparse TopK code and AuxK over a few dead latents in one autograd node: `x̂ = Σⱼ v_bj W_dec[i_bj] + b_dec`
+    with `v = relu(pre)` at the chosen `idx_BK`, and `ê = keep(pre[:, dead]) W_dec[dead]`, each row's top `k_aux` dead
+    columns kept. Its backward writes each weight's gradient once, AuxK's rows and columns added into the code's, where
+    two autograd nodes would give each weight a second full-size gradient to allocate, zero and add."""
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, pre_BF, idx_BK, dead_N, k_aux: int, shift: bool):
+        with torch.autocast(x_BD.device.type, enabled=False):
+            xs_BD = (x_BD - b_dec_D if shift else x_BD).to(W_enc_DF.dtype)
+            vals_BK = F.relu(pre_BF.gather(-1, idx_BK).to(W_enc_DF.dtype))
+            x_hat_BD = sparse_decode(vals_BK, idx_BK, W_dec_FD, b_dec_D)
+            pre_BN = torch.addmm(b_enc_F[dead_N], xs_BD, W_enc_DF[:, dead_N])
+            keep_BN = None
+            if k_aux < len(dead_N):
+                keep_BN = torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(k_aux, dim=-1, sorted=False).indices, True)
+                pre_BN = pre_BN * keep_BN
+            Wd_ND = W_dec_FD.index_select(0, dead_N)
+            e_hat_BD = pre_BN @ Wd_ND
+        ctx.save_for_backward(xs_BD, W_enc_DF, W_dec_FD, idx_BK, vals_BK, dead_N, pre_BN, keep_BN, Wd_ND)
+        ctx.shift = shift
+        ctx.mark_non_differentiable(vals_BK)
+        return x_hat_BD, e_hat_BD, vals_BK
 
-    def __call__(self, idx_BK):
-        s = self.sae
-        b_dec_D = s.b_dec if s.cfg.apply_b_dec_to_input else None
-        return PreActsAt.apply(self.x_BD, s.W_enc_DF, s.b_enc, self.pre_BF, idx_BK, b_dec_D).to(s.W_enc_DF.dtype)
-
-    def columns(self, cols_N):
-        s = self.sae
-        xs_BD = self.x_BD - s.b_dec if s.cfg.apply_b_dec_to_input else self.x_BD
-        return torch.addmm(s.b_enc[cols_N], xs_BD.to(s.W_enc_DF.dtype), s.W_enc_DF[:, cols_N])
+    @staticmethod
+    def backward(ctx, g_x_hat_BD, g_e_hat_BD, _):
+        xs_BD, W_enc_DF, W_dec_FD, idx_BK, vals_BK, dead_N, pre_BN, keep_BN, Wd_ND = ctx.saved_tensors
+        with torch.autocast(xs_BD.device.type, enabled=False):
+            dt = W_enc_DF.dtype
+            g_x_hat_BD = torch.zeros_like(xs_BD) if g_x_hat_BD is None else g_x_hat_BD.to(dt)
+            g_e_hat_BD = torch.zeros_like(xs_BD) if g_e_hat_BD is None else g_e_hat_BD.to(dt)
+            order, rows, offsets = _by_latent(idx_BK, W_dec_FD.shape[0])
+            # decoder: Σ_b v_bj g_b per latent (one [d_sae, d_in] tensor), AuxK's dead rows added in place
+            g_Wd_FD = F.embedding_bag(rows, g_x_hat_BD, offsets, per_sample_weights=vals_BK.reshape(-1)[order], mode="sum")
+            g_Wd_FD.index_add_(0, dead_N, pre_BN.T @ g_e_hat_BD)
+            with torch.enable_grad():   # g_b · W_dec[i_bj], by embedding_bag's own backward for its per-sample weights
+                v_BK = vals_BK.detach().requires_grad_()
+                g_v_BK, = torch.autograd.grad(F.embedding_bag(idx_BK, W_dec_FD.detach(), per_sample_weights=v_BK, mode="sum"), v_BK, g_x_hat_BD)
+            g_pre_BK = g_v_BK * (vals_BK > 0)
+            g_pre_BN = g_e_hat_BD @ Wd_ND.T
+            if keep_BN is not None: g_pre_BN = g_pre_BN * keep_BN
+            # encoder: the same grouping over the rows of x, AuxK's dead columns added in place
+            g_We_FD = F.embedding_bag(rows, xs_BD, offsets, per_sample_weights=g_pre_BK.reshape(-1)[order], mode="sum")
+            g_We_FD.index_add_(0, dead_N, g_pre_BN.T @ xs_BD)
+            g_be_F = W_enc_DF.new_zeros(W_enc_DF.shape[1]).index_add_(0, idx_BK.reshape(-1), g_pre_BK.reshape(-1))
+            g_be_F.index_add_(0, dead_N, g_pre_BN.sum(0))
+            g_bd_D = g_x_hat_BD.sum(0) - (W_enc_DF @ g_be_F if ctx.shift else 0)
+            g_x_BD = None
+            if ctx.needs_input_grad[0]:
+                g_x_BD = sparse_decode(g_pre_BK, idx_BK, W_enc_DF.T.contiguous()) + g_pre_BN @ W_enc_DF[:, dead_N].T
+        return g_x_BD, g_We_FD.T, g_be_F, g_Wd_FD, g_bd_D, None, None, None, None, None
 
 # %% ../../nbs/20_dict_sae.ipynb #80756458
 def synthetic_sparse_data(n: int, d_in: int = 64, n_features: int = 256, k: int = 4, noise: float = 0.01,
