@@ -427,7 +427,7 @@ class PreActsAt(torch.autograd.Function):
 class SparseTopK(torch.autograd.Function):
     """The sparse TopK code and AuxK over a few dead latents in one autograd node: `x̂ = Σⱼ v_bj W_dec[i_bj] + b_dec`
     with `v = relu(pre)` at the chosen `idx_BK`, and `ê = keep(pre[:, dead]) W_dec[dead]`, each row's top `k_aux` dead
-    columns kept. Its backward writes each weight's gradient once, AuxK's rows and columns added into the code's, where
+    columns kept (`pre` computed by the caller without gradient, in the encoder's dtype: both read their values there). Its backward writes each weight's gradient once, AuxK's rows and columns added into the code's, where
     two autograd nodes would give each weight a second full-size gradient to allocate, zero and add."""
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, pre_BF, idx_BK, dead_N, k_aux: int, shift: bool):
@@ -435,7 +435,7 @@ class SparseTopK(torch.autograd.Function):
             xs_BD = (x_BD - b_dec_D if shift else x_BD).to(W_enc_DF.dtype)
             vals_BK = F.relu(pre_BF.gather(-1, idx_BK).to(W_enc_DF.dtype))
             x_hat_BD = sparse_decode(vals_BK, idx_BK, W_dec_FD, b_dec_D)
-            pre_BN = torch.addmm(b_enc_F[dead_N], xs_BD, W_enc_DF[:, dead_N])
+            pre_BN = pre_BF.index_select(-1, dead_N).to(W_enc_DF.dtype)   # read, not recomputed: as the code's values
             keep_BN = None
             if k_aux < len(dead_N):
                 keep_BN = torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(k_aux, dim=-1, sorted=False).indices, True)
