@@ -19,9 +19,9 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
-           'SAEOutput', 'AuxPlan', 'auxk_score', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE', 'BatchTopKSAE',
-           'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt', 'SparseTopK', 'synthetic_sparse_data',
-           'saelens_cfg', 'save_sae', 'load_sae']
+           'SAEOutput', 'AuxPlan', 'top_mask', 'auxk_score', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE',
+           'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt', 'SparseTopK',
+           'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
 @dataclass
@@ -64,9 +64,13 @@ class AuxPlan:
 
     def keep_top(self, pre_BN: torch.Tensor) -> torch.Tensor:
         "`pre_BN` (the dead columns) with all but each row's top `k` zeroed, gradient kept on those."
-        if self.k >= pre_BN.shape[-1]: return pre_BN
-        with torch.no_grad(): keep_BN = torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(self.k, dim=-1, sorted=False).indices, True)
-        return pre_BN * keep_BN
+        keep_BN = top_mask(pre_BN, self.k)
+        return pre_BN if keep_BN is None else pre_BN * keep_BN
+
+def top_mask(pre_BN: torch.Tensor, k: int) -> torch.Tensor | None:
+    "The mask of each row's `k` largest entries (no gradient), or None when `k` covers the row."
+    if k >= pre_BN.shape[-1]: return None
+    with torch.no_grad(): return torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(k, dim=-1, sorted=False).indices, True)
 
 def auxk_score(x_BD, x_hat_BD, e_hat_BD, aux: AuxPlan | None, total_var) -> torch.Tensor:
     "AuxK's loss: how much of the residual `x − x̂` (no gradient) its reconstruction `e_hat_BD` leaves, over `total_var`."
@@ -395,12 +399,14 @@ def sparse_decode(vals_BK: torch.Tensor, idx_BK: torch.Tensor, W_dec_FD: torch.T
     x_hat_BD = F.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=vals_BK.to(W_dec_FD.dtype), mode="sum")
     return x_hat_BD if b_dec_D is None else x_hat_BD + b_dec_D
 
-def _by_latent(idx_BK: torch.Tensor, n_latents: int) -> tuple:
-    "`(order, rows, offsets)` grouping the (row, latent) pairs of `idx_BK` by latent, for a per-latent `F.embedding_bag` over rows."
+def _by_latent(idx_BK: torch.Tensor, n_latents: int):
+    """`sum_rows(X_BD, w_BK) → [n_latents, D]`: for each latent `f`, `Σ w[b, j] · X[b]` over the pairs with
+    `idx[b, j] = f`; the pairs are grouped by latent once (one sort), then each sum is one `F.embedding_bag`."""
     flat = idx_BK.reshape(-1)
     order = flat.argsort()
     n_F = torch.bincount(flat, minlength=n_latents)
-    return order, order // idx_BK.shape[-1], n_F.cumsum(0) - n_F
+    rows, offsets = order // idx_BK.shape[-1], n_F.cumsum(0) - n_F
+    return lambda X_BD, w_BK: F.embedding_bag(rows, X_BD, offsets, per_sample_weights=w_BK.reshape(-1)[order], mode="sum")
 
 class PreActsAt(torch.autograd.Function):
     """`pre[b, idx[b, j]]` of `pre = (x − b_dec) W_enc + b_enc` (no shift when `b_dec_D` is None), with `pre` computed
@@ -417,8 +423,7 @@ class PreActsAt(torch.autograd.Function):
         x_BD, W_enc_DF, idx_BK, b_dec_D = ctx.saved_tensors
         g_BK, x_BD, flat_idx = g_BK.to(W_enc_DF.dtype), x_BD.to(W_enc_DF.dtype), idx_BK.reshape(-1)
         if b_dec_D is not None: x_BD = x_BD - b_dec_D
-        order, rows, offsets = _by_latent(idx_BK, W_enc_DF.shape[1])   # one bag of rows of x per encoder column
-        g_W_FD = F.embedding_bag(rows, x_BD, offsets, per_sample_weights=g_BK.reshape(-1)[order], mode="sum")
+        g_W_FD = _by_latent(idx_BK, W_enc_DF.shape[1])(x_BD, g_BK)   # one bag of rows of x per encoder column
         g_b_F = W_enc_DF.new_zeros(W_enc_DF.shape[1]).index_add_(0, flat_idx, g_BK.reshape(-1))
         g_x_BD = sparse_decode(g_BK, idx_BK, W_enc_DF.T.contiguous()) if ctx.needs_input_grad[0] else None
         g_b_dec_D = -(W_enc_DF @ g_b_F) if ctx.needs_input_grad[5] else None
@@ -427,8 +432,9 @@ class PreActsAt(torch.autograd.Function):
 class SparseTopK(torch.autograd.Function):
     """The sparse TopK code and AuxK over a few dead latents in one autograd node: `x̂ = Σⱼ v_bj W_dec[i_bj] + b_dec`
     with `v = relu(pre)` at the chosen `idx_BK`, and `ê = keep(pre[:, dead]) W_dec[dead]`, each row's top `k_aux` dead
-    columns kept (`pre` computed by the caller without gradient, in the encoder's dtype: both read their values there). Its backward writes each weight's gradient once, AuxK's rows and columns added into the code's, where
-    two autograd nodes would give each weight a second full-size gradient to allocate, zero and add."""
+    columns kept (`pre` computed by the caller without gradient, in the encoder's dtype: both read their values
+    there). Its backward writes each weight's gradient once, AuxK's rows and columns added into the code's, where two
+    autograd nodes would give each weight a second full-size gradient to allocate, zero and add."""
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, pre_BF, idx_BK, dead_N, k_aux: int, shift: bool):
         with torch.autocast(x_BD.device.type, enabled=False):
@@ -436,10 +442,8 @@ class SparseTopK(torch.autograd.Function):
             vals_BK = F.relu(pre_BF.gather(-1, idx_BK).to(W_enc_DF.dtype))
             x_hat_BD = sparse_decode(vals_BK, idx_BK, W_dec_FD, b_dec_D)
             pre_BN = pre_BF.index_select(-1, dead_N).to(W_enc_DF.dtype)   # read, not recomputed: as the code's values
-            keep_BN = None
-            if k_aux < len(dead_N):
-                keep_BN = torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(k_aux, dim=-1, sorted=False).indices, True)
-                pre_BN = pre_BN * keep_BN
+            keep_BN = top_mask(pre_BN, k_aux)
+            if keep_BN is not None: pre_BN = pre_BN * keep_BN
             Wd_ND = W_dec_FD.index_select(0, dead_N)
             e_hat_BD = pre_BN @ Wd_ND
         ctx.save_for_backward(xs_BD, W_enc_DF, W_dec_FD, idx_BK, vals_BK, dead_N, pre_BN, keep_BN, Wd_ND)
@@ -454,9 +458,9 @@ class SparseTopK(torch.autograd.Function):
             dt = W_enc_DF.dtype
             g_x_hat_BD = torch.zeros_like(xs_BD) if g_x_hat_BD is None else g_x_hat_BD.to(dt)
             g_e_hat_BD = torch.zeros_like(xs_BD) if g_e_hat_BD is None else g_e_hat_BD.to(dt)
-            order, rows, offsets = _by_latent(idx_BK, W_dec_FD.shape[0])
+            sum_rows = _by_latent(idx_BK, W_dec_FD.shape[0])
             # decoder: Σ_b v_bj g_b per latent (one [d_sae, d_in] tensor), AuxK's dead rows added in place
-            g_Wd_FD = F.embedding_bag(rows, g_x_hat_BD, offsets, per_sample_weights=vals_BK.reshape(-1)[order], mode="sum")
+            g_Wd_FD = sum_rows(g_x_hat_BD, vals_BK)
             g_Wd_FD.index_add_(0, dead_N, pre_BN.T @ g_e_hat_BD)
             with torch.enable_grad():   # g_b · W_dec[i_bj], by embedding_bag's own backward for its per-sample weights
                 v_BK = vals_BK.detach().requires_grad_()
@@ -465,7 +469,7 @@ class SparseTopK(torch.autograd.Function):
             g_pre_BN = g_e_hat_BD @ Wd_ND.T
             if keep_BN is not None: g_pre_BN = g_pre_BN * keep_BN
             # encoder: the same grouping over the rows of x, AuxK's dead columns added in place
-            g_We_FD = F.embedding_bag(rows, xs_BD, offsets, per_sample_weights=g_pre_BK.reshape(-1)[order], mode="sum")
+            g_We_FD = sum_rows(xs_BD, g_pre_BK)
             g_We_FD.index_add_(0, dead_N, g_pre_BN.T @ xs_BD)
             g_be_F = W_enc_DF.new_zeros(W_enc_DF.shape[1]).index_add_(0, idx_BK.reshape(-1), g_pre_BK.reshape(-1))
             g_be_F.index_add_(0, dead_N, g_pre_BN.sum(0))
