@@ -19,7 +19,7 @@ from ..data.models import forward, hooked, num_layers
 from ..data.store import hook_dirname
 from .clt import CLTConfig, LinearBaseline, PairedDataset, fit_linear_baseline, normalization_stats
 from .evaluate import lm_metrics
-from .sae import JumpReLUFn, JumpReLUSAE, SAEOutput, TopKSAE, geometric_median
+from .sae import JumpReLUFn, JumpReLUSAE, SAEOutput, TopKSAE, geometric_median, topk_indices
 from .trainer import prepare_training, Trainer
 
 # %% auto #0
@@ -161,7 +161,8 @@ class MultiLayerCLT(nn.Module):
         auxk_k = auxk_k or self.cfg.d_in // 2
         scale, k = min(num_dead / auxk_k, 1.0), min(auxk_k, num_dead)
         pre_BN = pre_BLF.flatten(-2).masked_fill(~dead_mask_F.bool(), -math.inf)
-        vals, idx = pre_BN.topk(k, dim=-1, sorted=False)
+        idx = topk_indices(pre_BN, k)
+        vals = pre_BN.gather(-1, idx)
         acts_BLF = torch.zeros_like(pre_BN).scatter(-1, idx, vals).view_as(pre_BLF)
         e_hat_BLO = self._decode_n(acts_BLF) - self.b_dec_LO
         return scale * (e_hat_BLO.float() - resid_BLO.float()).pow(2).sum() / total_var

@@ -19,9 +19,9 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
-           'SAEOutput', 'AuxPlan', 'top_mask', 'auxk_score', 'SAE', 'geometric_median', 'ReLUSAE', 'TopKSAE',
-           'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt', 'SparseTopK',
-           'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
+           'SAEOutput', 'topk_indices', 'AuxPlan', 'top_mask', 'auxk_score', 'SAE', 'geometric_median', 'ReLUSAE',
+           'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt',
+           'SparseTopK', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
 @dataclass
@@ -52,6 +52,23 @@ class SAEOutput:
             self.dense_acts = self.pre_acts.new_zeros(self.pre_acts.shape, dtype=vals_BK.dtype).scatter_(-1, idx_BK, vals_BK)
         return self.dense_acts
 
+# %% ../../nbs/20_dict_sae.ipynb #b2b8563a
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    "Indices of the `k` largest entries along the last dimension (unsorted, no gradient): two levels on a CPU."
+    n = x.shape[-1]
+    S = 8 if n <= 4096 else 16
+    if x.device.type != "cpu" or x.dim() < 2 or 4 * k * S > n or x[..., 0].numel() < 64:
+        with torch.no_grad(): return x.topk(k, dim=-1, sorted=False).indices
+    with torch.no_grad():
+        x_BF = x.reshape(-1, n)
+        B, G = len(x_BF), n // S
+        body = x_BF if G * S == n else x_BF[:, : G * S]
+        blk_BK = body.view(B, S, G).amax(1).topk(k, dim=-1, sorted=False).indices   # the k blocks with the largest maxima
+        cand_BC = (blk_BK.unsqueeze(-1) + G * torch.arange(S, device=x.device)).view(B, k * S)
+        if G * S < n: cand_BC = torch.cat([cand_BC, torch.arange(G * S, n, device=x.device).expand(B, -1)], 1)
+        top_BK = x_BF.gather(1, cand_BC).topk(k, dim=-1, sorted=False).indices
+        return cand_BC.gather(1, top_BK).view(*x.shape[:-1], k)
+
 # %% ../../nbs/20_dict_sae.ipynb #d3e24b3c
 @dataclass
 class AuxPlan:
@@ -70,7 +87,7 @@ class AuxPlan:
 def top_mask(pre_BN: torch.Tensor, k: int) -> torch.Tensor | None:
     "The mask of each row's `k` largest entries (no gradient), or None when `k` covers the row."
     if k >= pre_BN.shape[-1]: return None
-    with torch.no_grad(): return torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, pre_BN.topk(k, dim=-1, sorted=False).indices, True)
+    with torch.no_grad(): return torch.zeros_like(pre_BN, dtype=torch.bool).scatter_(-1, topk_indices(pre_BN, k), True)
 
 def auxk_score(x_BD, x_hat_BD, e_hat_BD, aux: AuxPlan | None, total_var) -> torch.Tensor:
     "AuxK's loss: how much of the residual `x − x̂` (no gradient) its reconstruction `e_hat_BD` leaves, over `total_var`."
@@ -167,7 +184,7 @@ class SAE(nn.Module):
         if aux.dense:   # all dead columns at once, each row's top k kept by a mask: every product a dense matmul
             pre_BN = aux.keep_top(pre_BF.index_select(-1, aux.dead_N))
             return pre_BN.to(self.W_dec_FD.dtype) @ self.W_dec_FD.index_select(0, aux.dead_N)
-        with torch.no_grad(): idx_BK = aux.dead_N[pre_BF.index_select(-1, aux.dead_N).topk(aux.k, dim=-1, sorted=False).indices]
+        with torch.no_grad(): idx_BK = aux.dead_N[topk_indices(pre_BF.index_select(-1, aux.dead_N), aux.k)]
         vals_BK = pre_at(idx_BK) if pre_at is not None else pre_BF.gather(-1, idx_BK)
         return sparse_decode(vals_BK, idx_BK, self.W_dec_FD)
 
@@ -201,9 +218,12 @@ class SAE(nn.Module):
         "Remove the part of `W_dec_FD.grad` parallel to each row, so a step turns rows instead of stretching them."
         W_FD, g_FD = self.W_dec_FD, self.W_dec_FD.grad
         if g_FD is None: return
-        # g − (g·W / W·W) W, in three passes over the decoder and without a [d_sae, d_in] temporary
-        coef_F = torch.linalg.vecdot(g_FD, W_FD) / torch.linalg.vecdot(W_FD, W_FD).clamp_min(1e-16)
-        g_FD.addcmul_(coef_F[:, None], W_FD, value=-1)
+        # g − (g·W / W·W) W without a [d_sae, d_in] temporary; on a CPU a cache-sized block of rows at a time, so that
+        # the decoder and its gradient cross main memory once (9.8 → 6.2 ms at 9,216 × 576 on one thread)
+        rows = len(W_FD) if W_FD.device.type != "cpu" else max(1, (1 << 15) // max(1, W_FD.shape[1]))
+        for i in range(0, len(W_FD), rows):
+            W, g = W_FD[i:i + rows], g_FD[i:i + rows]
+            g.addcmul_((torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-16))[:, None], W, value=-1)
 
     def saelens_tensors(self) -> dict:
         "The weights under SAELens's names and shapes."
@@ -258,8 +278,8 @@ class TopKSAE(SAE):
     "whether `use_sparse_decoder` can switch it on (what `PerfConfig.sparse_decoder` asks of the trainer)"
 
     def activate(self, pre_BF):
-        vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre_BF).scatter(-1, idx_BK, F.relu(vals_BK))
+        idx_BK = topk_indices(pre_BF, self.cfg.k)
+        return torch.zeros_like(pre_BF).scatter(-1, idx_BK, F.relu(pre_BF.gather(-1, idx_BK)))
 
     encoder_dtype = None
     "with the sparse decoder, in training: dtype of the encoder's forward matmul (None: the weights' dtype)"
@@ -279,7 +299,7 @@ class TopKSAE(SAE):
             xs_BD = x_BD - shift_D if shift_D is not None else x_BD
             pre_BF = (xs_BD @ self.W_enc_DF + self.b_enc if dt is None else
                       torch.addmm(self.b_enc.to(dt), xs_BD.to(dt), self.W_enc_DF.to(dt)))
-            idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
+            idx_BK = topk_indices(pre_BF, self.cfg.k)
         if aux is None or aux.dense:   # the code and AuxK's dead columns (if any) in one backward (`SparseTopK`)
             dead_N, k_aux = (aux.dead_N, aux.k) if aux is not None else (idx_BK.new_zeros(0), 0)
             x_hat_BD, e_hat_BD, vals_BK = SparseTopK.apply(x_BD, self.W_enc_DF, self.b_enc, self.W_dec_FD, self.b_dec, pre_BF,
