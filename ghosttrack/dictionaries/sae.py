@@ -461,11 +461,12 @@ class SparseTopK(torch.autograd.Function):
             xs_BD = (x_BD - b_dec_D if shift else x_BD).to(W_enc_DF.dtype)
             vals_BK = F.relu(pre_BF.gather(-1, idx_BK).to(W_enc_DF.dtype))
             x_hat_BD = sparse_decode(vals_BK, idx_BK, W_dec_FD, b_dec_D)
-            pre_BN = pre_BF.index_select(-1, dead_N).to(W_enc_DF.dtype)   # read, not recomputed: as the code's values
+            # AuxK's products run in the dtype `pre` was computed in: bf16 under a bf16 encoder, else the weights'
+            pre_BN = pre_BF.index_select(-1, dead_N)   # read, not recomputed: as the code's values
             keep_BN = top_mask(pre_BN, k_aux)
             if keep_BN is not None: pre_BN = pre_BN * keep_BN
-            Wd_ND = W_dec_FD.index_select(0, dead_N)
-            e_hat_BD = pre_BN @ Wd_ND
+            Wd_ND = W_dec_FD.index_select(0, dead_N).to(pre_BN.dtype)
+            e_hat_BD = (pre_BN @ Wd_ND).to(W_enc_DF.dtype)
         ctx.save_for_backward(xs_BD, W_enc_DF, W_dec_FD, idx_BK, vals_BK, dead_N, pre_BN, keep_BN, Wd_ND)
         ctx.shift = shift
         ctx.mark_non_differentiable(vals_BK)
@@ -481,17 +482,20 @@ class SparseTopK(torch.autograd.Function):
             sum_rows = _by_latent(idx_BK, W_dec_FD.shape[0])
             # decoder: Σ_b v_bj g_b per latent (one [d_sae, d_in] tensor), AuxK's dead rows added in place
             g_Wd_FD = sum_rows(g_x_hat_BD, vals_BK)
-            g_Wd_FD.index_add_(0, dead_N, pre_BN.T @ g_e_hat_BD)
+            lo = pre_BN.dtype                            # AuxK's dtype (bf16 under a bf16 encoder)
+            g_e_BD = g_e_hat_BD.to(lo)
+            g_Wd_FD.index_add_(0, dead_N, (pre_BN.T @ g_e_BD).to(dt))
             with torch.enable_grad():   # g_b · W_dec[i_bj], by embedding_bag's own backward for its per-sample weights
                 v_BK = vals_BK.detach().requires_grad_()
                 g_v_BK, = torch.autograd.grad(F.embedding_bag(idx_BK, W_dec_FD.detach(), per_sample_weights=v_BK, mode="sum"), v_BK, g_x_hat_BD)
             g_pre_BK = g_v_BK * (vals_BK > 0)
-            g_pre_BN = g_e_hat_BD @ Wd_ND.T
+            g_pre_BN = g_e_BD @ Wd_ND.T
             if keep_BN is not None: g_pre_BN = g_pre_BN * keep_BN
             # encoder: the same grouping over the rows of x, AuxK's dead columns added in place
             g_We_FD = sum_rows(xs_BD, g_pre_BK)
-            g_We_FD.index_add_(0, dead_N, g_pre_BN.T @ xs_BD)
+            g_We_FD.index_add_(0, dead_N, (g_pre_BN.T @ xs_BD.to(lo)).to(dt))
             g_be_F = W_enc_DF.new_zeros(W_enc_DF.shape[1]).index_add_(0, idx_BK.reshape(-1), g_pre_BK.reshape(-1))
+            g_pre_BN = g_pre_BN.to(dt)
             g_be_F.index_add_(0, dead_N, g_pre_BN.sum(0))
             g_bd_D = g_x_hat_BD.sum(0) - (W_enc_DF @ g_be_F if ctx.shift else 0)
             g_x_BD = None
