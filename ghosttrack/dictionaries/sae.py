@@ -21,7 +21,7 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
            'SAEOutput', 'topk_indices', 'AuxPlan', 'top_mask', 'auxk_score', 'SAE', 'geometric_median', 'ReLUSAE',
            'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt',
-           'SparseTopK', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
+           'aux_width', 'SparseTopK', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
 @dataclass
@@ -449,6 +449,13 @@ class PreActsAt(torch.autograd.Function):
         g_b_dec_D = -(W_enc_DF @ g_b_F) if ctx.needs_input_grad[5] else None
         return g_x_BD, g_W_FD.T, g_b_F, None, None, g_b_dec_D
 
+def aux_width(n: int) -> int:
+    """`n` dead columns rounded up to one of a few widths (multiples of 512, or of a quarter of `n`'s power of two
+    above 4,096): at most four per doubling, so a bf16 AuxK meets few matmul shapes. Padded columns are zero."""
+    if n == 0: return 0
+    q = max(512, 1 << max(0, n.bit_length() - 3))
+    return -(-n // q) * q
+
 class SparseTopK(torch.autograd.Function):
     """The sparse TopK code and AuxK over a few dead latents in one autograd node: `x̂ = Σⱼ v_bj W_dec[i_bj] + b_dec`
     with `v = relu(pre)` at the chosen `idx_BK`, and `ê = keep(pre[:, dead]) W_dec[dead]`, each row's top `k_aux` dead
@@ -466,6 +473,11 @@ class SparseTopK(torch.autograd.Function):
             keep_BN = top_mask(pre_BN, k_aux)
             if keep_BN is not None: pre_BN = pre_BN * keep_BN
             Wd_ND = W_dec_FD.index_select(0, dead_N).to(pre_BN.dtype)
+            if pre_BN.dtype != W_enc_DF.dtype and (pad := aux_width(len(dead_N)) - len(dead_N)):
+                # zero columns up to a bucketed width: every new shape of a bf16 matmul keeps ~7 MB in oneDNN's cache
+                dead_N = torch.cat([dead_N, dead_N[:1].expand(pad)])
+                pre_BN, Wd_ND = F.pad(pre_BN, (0, pad)), F.pad(Wd_ND, (0, 0, 0, pad))
+                if keep_BN is not None: keep_BN = F.pad(keep_BN, (0, pad))
             e_hat_BD = (pre_BN @ Wd_ND).to(W_enc_DF.dtype)
         ctx.save_for_backward(xs_BD, W_enc_DF, W_dec_FD, idx_BK, vals_BK, dead_N, pre_BN, keep_BN, Wd_ND)
         ctx.shift = shift
