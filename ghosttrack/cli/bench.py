@@ -36,5 +36,5 @@ def add_bench_commands(subparsers) -> None:
                     "reach the best peer's FVU; times extraction and streaming, measures scaling; prints tables, writes bench.json and "
                     "bench.png (FVU curves).", BenchOptions)
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="about ten minutes on a CPU (the first run also extracts the demo model's activations)")
+    size.add_argument("--quick", action="store_true", help="about twenty minutes on a CPU (the first run also extracts the demo model's activations)")
     size.add_argument("--smoke", action="store_true", help="about a minute; only checks that everything runs")
