@@ -247,7 +247,7 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     if not params or params[0].device.type != "cpu": return torch.nn.utils.clip_grad_norm_(params, max_norm)
     total = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if float(total) + 1e-6 > max_norm: torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    if not float(total) + 1e-6 <= max_norm: torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)   # NaN too, as torch
     return total
 
 def in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
