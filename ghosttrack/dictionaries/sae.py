@@ -62,8 +62,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     with torch.no_grad():
         x_BF = x.reshape(-1, n)
         B, G = len(x_BF), n // S
-        body = x_BF if G * S == n else x_BF[:, : G * S]
-        blk_BK = body.view(B, S, G).amax(1).topk(k, dim=-1, sorted=False).indices   # the k blocks with the largest maxima
+        blk_BK = x_BF[:, : G * S].view(B, S, G).amax(1).topk(k, dim=-1, sorted=False).indices   # the k blocks with the largest maxima
         cand_BC = (blk_BK.unsqueeze(-1) + G * torch.arange(S, device=x.device)).view(B, k * S)
         if G * S < n: cand_BC = torch.cat([cand_BC, torch.arange(G * S, n, device=x.device).expand(B, -1)], 1)
         top_BK = x_BF.gather(1, cand_BC).topk(k, dim=-1, sorted=False).indices

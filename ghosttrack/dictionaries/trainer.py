@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+import schedulefree
 import torch
 import torch.distributed as dist
 from ..core.runlog import tqdm
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'DEAD_WINDOW_TOKENS', 'AUXK_WINDOW_TOKENS', 'RECOMMENDED_AUXK', 'LATER_FIELDS', 'lr_lambda', 'save_checkpoint',
            'load_checkpoint', 'rank0_decides', 'init_distributed', 'prefetched', 'recommended_lr', 'resolve_recipe',
-           'make_optimizer', 'blocked_schedulefree', 'clip_grad_norm', 'in_memory_order', 'normalize_decoder',
+           'make_optimizer', 'BlockedScheduleFree', 'clip_grad_norm', 'in_memory_order', 'normalize_decoder',
            'native_bf16', 'Trainer', 'prepare_training', 'train_sae']
 
 # %% ../../nbs/25_dict_trainer.ipynb #654e7ed4
@@ -187,59 +188,48 @@ def make_optimizer(params, cfg: TrainConfig):
     """AdamW, or schedule-free AdamW (`cfg.optimizer`), at `cfg.lr`; the learning-rate schedule (warmup, decay) is the
     trainer's either way. A schedule-free optimizer starts in training mode (see `Trainer.averaged`)."""
     if cfg.optimizer == "adamw": return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    opt = blocked_schedulefree()(params, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0)
+    opt = BlockedScheduleFree(params, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0)
     opt.train()
     return opt
 
-def blocked_schedulefree():
-    "`schedulefree.AdamWScheduleFree` whose step on CPU tensors works block by block (the class; made on first use)."
-    global _BlockedScheduleFree
-    if _BlockedScheduleFree is not None: return _BlockedScheduleFree
-    import schedulefree
+class BlockedScheduleFree(schedulefree.AdamWScheduleFree):
+    """Schedule-free AdamW with the same state, arithmetic (to float rounding) and checkpoints as the package's,
+    whose step on a CPU runs every update of one block of `block` entries before moving to the next."""
+    block = 1 << 17
 
-    class BlockedScheduleFree(schedulefree.AdamWScheduleFree):
-        """Schedule-free AdamW with the same state, arithmetic (to float rounding) and checkpoints as the package's,
-        whose step on a CPU runs every update of one block of `block` entries before moving to the next."""
-        block = 1 << 17
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if closure is not None or any(p.device.type != "cpu" or p.grad.is_sparse or in_memory_order(p) is None
-                                          for p in params): return super().step(closure)
-            for group in self.param_groups:
-                if not group["train_mode"]: raise RuntimeError("the schedule-free optimizer must be in train mode (.train()) to step")
-                k, (beta1, beta2), decay = group["k"], group["betas"], group["weight_decay"]
-                lr = group["lr"] * ((k + 1) / group["warmup_steps"] if k < group["warmup_steps"] else 1.0)
-                group["scheduled_lr"] = lr
-                lr_max = group["lr_max"] = max(lr, group["lr_max"])
-                weight = (k + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
-                weight_sum = group["weight_sum"] = group["weight_sum"] + weight
-                ckp1 = weight / weight_sum if weight_sum else 0.0
-                s = math.sqrt(1 - beta2 ** (k + 1))          # g / (√(v / bc₂) + ε) = s·g / (√v + s·ε)
-                for p in group["params"]:
-                    if p.grad is None: continue
-                    st = self.state[p]
-                    if "z" not in st: st["z"], st["exp_avg_sq"] = p.detach().clone(), torch.zeros_like(p)
-                    for key in ("z", "exp_avg_sq"):   # a state read from a checkpoint is contiguous: lay it out as `p` (once)
-                        if st[key].stride() != p.stride(): st[key] = torch.empty_like(p).copy_(st[key])
-                    grad = p.grad if p.grad.stride() == p.stride() else torch.empty_like(p).copy_(p.grad)
-                    y_N, g_N, z_N, v_N = (in_memory_order(t) for t in (p.detach(), grad, st["z"], st["exp_avg_sq"]))
-                    buf = torch.empty(min(self.block, len(y_N)), dtype=p.dtype)
-                    for i in range(0, len(y_N), self.block):
-                        y, g, z, v = (t[i:i + self.block] for t in (y_N, g_N, z_N, v_N))
-                        u = buf[: len(y)]
-                        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                        torch.div(g, torch.sqrt(v, out=u).add_(s * group["eps"]), out=u).mul_(s)   # the normalised gradient
-                        if decay: u.add_(y, alpha=decay)                                          # weight decay at y
-                        y.lerp_(z, ckp1).add_(u, alpha=lr * (beta1 * (1 - ckp1) - 1))
-                        z.add_(u, alpha=-lr)
-                group["k"] = k + 1
-
-    _BlockedScheduleFree = BlockedScheduleFree
-    return BlockedScheduleFree
-
-_BlockedScheduleFree = None
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if closure is not None or any(p.device.type != "cpu" or p.grad.is_sparse or in_memory_order(p) is None
+                                      for p in params): return super().step(closure)
+        for group in self.param_groups:
+            if not group["train_mode"]: raise RuntimeError("the schedule-free optimizer must be in train mode (.train()) to step")
+            k, (beta1, beta2), decay = group["k"], group["betas"], group["weight_decay"]
+            lr = group["lr"] * ((k + 1) / group["warmup_steps"] if k < group["warmup_steps"] else 1.0)
+            group["scheduled_lr"] = lr
+            lr_max = group["lr_max"] = max(lr, group["lr_max"])
+            weight = (k + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
+            weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+            ckp1 = weight / weight_sum if weight_sum else 0.0
+            s = math.sqrt(1 - beta2 ** (k + 1))          # g / (√(v / bc₂) + ε) = s·g / (√v + s·ε)
+            for p in group["params"]:
+                if p.grad is None: continue
+                st = self.state[p]
+                if "z" not in st: st["z"], st["exp_avg_sq"] = p.detach().clone(), torch.zeros_like(p)
+                for key in ("z", "exp_avg_sq"):   # a state read from a checkpoint is contiguous: lay it out as `p` (once)
+                    if st[key].stride() != p.stride(): st[key] = torch.empty_like(p).copy_(st[key])
+                grad = p.grad if p.grad.stride() == p.stride() else torch.empty_like(p).copy_(p.grad)
+                y_N, g_N, z_N, v_N = (in_memory_order(t) for t in (p.detach(), grad, st["z"], st["exp_avg_sq"]))
+                buf = torch.empty(min(self.block, len(y_N)), dtype=p.dtype)
+                for i in range(0, len(y_N), self.block):
+                    y, g, z, v = (t[i:i + self.block] for t in (y_N, g_N, z_N, v_N))
+                    u = buf[: len(y)]
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    torch.div(g, torch.sqrt(v, out=u).add_(s * group["eps"]), out=u).mul_(s)   # the normalised gradient
+                    if decay: u.add_(y, alpha=decay)                                          # weight decay at y
+                    y.lerp_(z, ckp1).add_(u, alpha=lr * (beta1 * (1 - ckp1) - 1))
+                    z.add_(u, alpha=-lr)
+            group["k"] = k + 1
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_`, except that on a CPU the gradients are not multiplied when the scale would
