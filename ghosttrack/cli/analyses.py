@@ -14,6 +14,7 @@ from ..attribution.viewer import serve_graphs
 from ..attribution.run import AttributeOptions, attribute
 from .flags import add_command, options
 from ..interpret.run import InterpretOptions, interpret_run
+from ..tracking.answers import format_hand
 from ..tracking.hallucination import format_report
 from ..tracking.run import TrackOptions, track_prompt, track_truthfulqa
 
@@ -127,6 +128,7 @@ def track_command(args) -> int:
             if r is None: continue
             print(f"{task}:")
             print(format_report(r))
+            if "hand_labels" in r: print(format_hand(r["hand_labels"]))
         for task, r in [("", rep), (" of the model's own", rep.get("own_answers") or {})]:
             if "explanations" in r:
                 x = r["explanations"]

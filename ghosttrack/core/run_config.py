@@ -140,7 +140,7 @@ class TrackConfig:
     max_new_tokens: int = 48
     "own answers: tokens generated per answer at most"
     measure: str = "bleu"
-    "own answers: `bleu` or `rouge` similarity that labels them (the TruthfulQA paper's measure)"
+    "own answers: `bleu` or `rouge` similarity that labels them (the TruthfulQA paper's measure), or `embed` (all-MiniLM-L6-v2 cosine)"
     explain: int = 5
     "test answers explained per explained detector (0: none)"
 
@@ -148,7 +148,7 @@ class TrackConfig:
         _check(self.max_questions >= 0, "track.max_questions", self.max_questions, "an integer >= 0")
         _check(self.top_k > 0, "track.top_k", self.top_k, "a positive integer")
         _choice("track.method", self.method, ("hungarian", "greedy"))
-        _choice("track.measure", self.measure, ("bleu", "rouge"))
+        _choice("track.measure", self.measure, ("bleu", "rouge", "embed"))
         _check(self.n_samples >= 0, "track.n_samples", self.n_samples, "an integer >= 0")
         _check(self.max_new_tokens > 0, "track.max_new_tokens", self.max_new_tokens, "a positive integer")
         _check(self.explain >= 0, "track.explain", self.explain, "an integer >= 0")

@@ -114,6 +114,11 @@ def tracking_sections(auroc: dict) -> list:
         text = (f"Test split: {sizes.get('questions', '?')} questions, {sizes.get('items', '?')} answers, "
                 f"{sizes.get('false', '?')} false. Intervals resample questions.\n\n" + markdown_table(rows))
         if pairs: text += "\n\n" + markdown_table(pairs)
+        if (h := r.get("hand_labels")) and h.get("detectors"):
+            text += (f"\n\nAgainst the hand labels shipped with ghosttrack ({h['answers']} {h['split']} answers of {h['questions']} "
+                     f"questions, {h['false']} false; the automatic label agrees with them on {h['automatic_agreement']:.1%}):\n\n"
+                     + markdown_table([{"detector": k, "AUROC": h[k]["auroc"], "95% interval": "{:.3f}–{:.3f}".format(*h[k]["ci"])}
+                                       for k in h["detectors"]]))
         out.append((f"Hallucination detection: {title} (TruthfulQA)", text))
     return out
 
