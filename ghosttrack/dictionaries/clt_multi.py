@@ -164,8 +164,16 @@ class MultiLayerCLT(nn.Module):
         idx = topk_indices(pre_BN, k)
         vals = pre_BN.gather(-1, idx)
         acts_BLF = torch.zeros_like(pre_BN).scatter(-1, idx, vals).view_as(pre_BLF)
-        e_hat_BLO = self._decode_n(acts_BLF) - self.b_dec_LO
+        e_hat_BLO = self._decode_columns(acts_BLF, dead_mask_F.bool().view(self.cfg.n_layers, -1))
         return scale * (e_hat_BLO.float() - resid_BLO.float()).pow(2).sum() / total_var
+
+    def _decode_columns(self, acts_BLF, keep_LF):
+        "`_decode_n(acts_BLF) − b_dec` when only the features of `keep_LF` can be active: their decoder rows alone."
+        e_BLO = acts_BLF.new_zeros(len(acts_BLF), self.cfg.n_layers, self.cfg.d_out)
+        for l, W_FTO in enumerate(self.W_dec):
+            cols = keep_LF[l].nonzero().squeeze(1)
+            if len(cols): e_BLO[:, l:] += torch.einsum("bf,fto->bto", acts_BLF[:, l, cols], W_FTO[cols])
+        return e_BLO
 
     @torch.no_grad()
     def normalize_decoder_(self, norms=None) -> list:
