@@ -9,8 +9,6 @@ import copy
 import csv
 import importlib.util
 import inspect
-import os
-import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 import torch
 from ..core.runlog import tqdm
 
-from ..core.io import atomic_path
+from ..core.io import atomic_path, rebuilding
 from ..data.corpus import _bos_id, asset
 from ..data.models import ModelUnavailable, cache_root
 from .hallucination import (DETECTORS, SPLITS, bootstrap_auroc, common_prefix, compare_detectors, encode_prefix,
@@ -148,11 +146,8 @@ def load_embedder() -> tuple:
         found = importlib.util.find_spec(EMBEDDER["package"])      # locate the zip without importing the package
         if found is None or not found.submodule_search_locations:
             raise ModelUnavailable(f"measure 'embed' needs the all-MiniLM-L6-v2 weights: {EMBEDDER['install']}")
-        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with zipfile.ZipFile(Path(list(found.submodule_search_locations)[0]) / EMBEDDER["zip"]) as z: z.extractall(tmp)
-        shutil.rmtree(cached, ignore_errors=True)
-        os.replace(tmp, cached)                                     # the cache appears only when complete
+        with rebuilding(cached) as tmp, zipfile.ZipFile(Path(list(found.submodule_search_locations)[0]) / EMBEDDER["zip"]) as z:
+            z.extractall(tmp)                                       # the cache appears only when complete
     return AutoTokenizer.from_pretrained(cached), AutoModel.from_pretrained(cached).eval()
 
 @torch.no_grad()

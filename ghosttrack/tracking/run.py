@@ -54,7 +54,7 @@ class TrackOptions:
     primer: bool = True
     "prompt the model's answers with the TruthfulQA paper's six-example QA primer (--own-answers)"
     measure: Literal["bleu", "rouge", "embed"] = "bleu"
-    "similarity that labels an answer true or false: BLEU or ROUGE-L, as in the TruthfulQA paper (--own-answers)"
+    "similarity that labels an answer true or false: BLEU or ROUGE-L, as in the TruthfulQA paper, or `embed` (all-MiniLM-L6-v2 cosine) (--own-answers)"
     bootstrap: int = 1000
     "bootstrap resamples of test questions for AUROC intervals and paired tests"
     explain: int = 5
