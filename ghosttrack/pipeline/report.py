@@ -106,7 +106,7 @@ def tracking_sections(auroc: dict) -> list:
         if not r or "detectors" not in r: continue
         sizes = r.get("sizes", {}).get("test", {})
         rows = [{"detector": k, "test AUROC": r[k]["test_auroc"], "95% interval": "{:.3f}–{:.3f}".format(*r[k]["test_auroc_ci"]),
-                 "val AUROC": r[k]["val_auroc"], "chosen on val": ", ".join(f"{c} {r[k][c]}" for c in ("threshold", "layer", "k") if c in r[k])}
+                 "val AUROC": r[k]["val_auroc"], "chosen on val": ", ".join(f"{c} {r[k][c]}" for c in ("threshold", "layer", "pool", "k") if c in r[k])}
                 for k in r["detectors"]]
         pairs = [{"paired test": f"{a} − {b}", "AUROC difference": d["diff"],
                   "95% interval": "{:+.3f} to {:+.3f}".format(*d["ci"]), "p": d["p_value"]}
@@ -119,6 +119,16 @@ def tracking_sections(auroc: dict) -> list:
                      f"questions, {h['false']} false; the automatic label agrees with them on {h['automatic_agreement']:.1%}):\n\n"
                      + markdown_table([{"detector": k, "AUROC": h[k]["auroc"], "95% interval": "{:.3f}–{:.3f}".format(*h[k]["ci"])}
                                        for k in h["detectors"]]))
+            if (t := h.get("trained_on_hand")) and t.get("detectors"):
+                text += (f"\n\nTrained on the hand labels of {t['answers']} {t['split']} answers ({t['questions']} questions, "
+                         f"{t['false']} false; every choice by {t['folds']}-fold cross-validation over questions), on the same "
+                         "test answers:\n\n" + markdown_table(
+                             [{"detector": k, "AUROC": t[k]["auroc"], "95% interval": "{:.3f}–{:.3f}".format(*t[k]["ci"]),
+                               "cv AUROC": t[k]["cv_auroc"], "chosen": ", ".join(f"{c} {t[k][c]}" for c in ("layer", "pool", "threshold") if c in t[k])}
+                              for k in t["detectors"]])
+                         + "\n\n" + markdown_table([{"paired test": k.replace("-", " − ", 1), "AUROC difference": d["diff"],
+                                                      "95% interval": "{:+.3f} to {:+.3f}".format(*d["ci"]), "p": d["p_value"]}
+                                                     for k, d in t["paired"].items()]))
         out.append((f"Hallucination detection: {title} (TruthfulQA)", text))
     return out
 

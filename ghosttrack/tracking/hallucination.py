@@ -28,9 +28,9 @@ from .tracker import STAT_NAMES, HypothesisTracker, answer_positions, prompt_fea
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'auroc', 'split_by_question',
-           'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items', 'qa_prompt',
-           'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answer', 'text_features', 'subsample',
+__all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'SAE_POOLS', 'auroc',
+           'split_by_question', 'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items',
+           'qa_prompt', 'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answer', 'text_features', 'subsample',
            'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors', 'compare_detectors', 'format_report',
            'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
 
@@ -152,9 +152,9 @@ def shared_prefix(model, tokenizer, prompts, min_tokens: int = 16):
 def score_answer(model, tokenizer, saes: dict, question: str, answer: str, top_k: int = 16, prompt: str | None = None,
                  prefix=None) -> dict:
     """What every detector reads from one answer after `prompt` (default `qa_prompt(question)`): `mean_logprob`,
-    `answer_tokens`, the tracker's `features` (`LayerFeatures` per SAE layer), the mean residual per block `resid_LD`,
-    and the SAE activations of the SAE layers mean- and max-pooled over the positions read, `sae_F` (layer by layer:
-    mean over d_sae, then max). With `prefix` (`shared_prefix`) the tokens it holds are not encoded again."""
+    `answer_tokens`, the tracker's `features` (`LayerFeatures` per SAE layer), the residual per block averaged over
+    the positions read, `resid_LD`, and at the answer's last token, `resid_last_LD`, and the SAE activations of the SAE
+    layers pooled over the positions read, `sae_F` (layer by layer: mean over d_sae, then max, then the last token's). With `prefix` (`shared_prefix`) the tokens it holds are not encoded again."""
     prompt, answer = prompt or qa_prompt(question), " " + answer.strip()
     ids_1T, pos = answer_positions(tokenizer, prompt, answer)
     dev = next(model.parameters()).device
@@ -175,9 +175,10 @@ def score_answer(model, tokenizer, saes: dict, question: str, answer: str, top_k
     for layer in sorted(saes):
         sae = saes[layer]
         acts_PF = sae.encode(resid[sae.cfg.hook_name][0, pos].to(sae.W_dec_FD.device, sae.W_dec_FD.dtype)).float().cpu()
-        pooled += [acts_PF.mean(0), acts_PF.max(0).values]
+        pooled += [acts_PF.mean(0), acts_PF.max(0).values, acts_PF[-1]]
     return {"mean_logprob": mean_logprob, "answer_tokens": len(pos) - 1, "features": feats,
-            "resid_LD": torch.stack([resid[hp][0, pos].float().mean(0).cpu() for hp in hps]), "sae_F": torch.cat(pooled)}
+            "resid_LD": torch.stack([resid[hp][0, pos].float().mean(0).cpu() for hp in hps]),
+            "resid_last_LD": torch.stack([resid[hp][0, pos[-1]].float().cpu() for hp in hps]), "sae_F": torch.cat(pooled)}
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #30f95d40
 TEXT_FEATURES = ("answer_tokens", "words", "chars_per_word", "negations", "no_comment", "dont_know", "hedges", "absolutes",
@@ -205,6 +206,8 @@ PAIRS = (("tracker", "logprob"), ("tracker", "text"), ("tracker", "probe_tracker
          ("probe_all_layers", "logprob"), ("probe_all_layers", "text"))
 TRACK_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SPARSE_K = (8, 32, 128, 512, 2048)
+SAE_POOLS = ("mean", "max", "last")
+"how `score_items` pools each SAE layer's activations over the answer (`last`: at its last token)"
 
 def subsample(splits: dict, max_questions: int | None, seed: int = 0) -> dict:
     "At most `max_questions` questions in all, taken from each split in proportion, by a seeded shuffle."
@@ -216,22 +219,23 @@ def subsample(splits: dict, max_questions: int | None, seed: int = 0) -> dict:
 def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTracker | None = None, top_k: int = 16,
                 progress: bool = True, thresholds=TRACK_THRESHOLDS) -> tuple:
     """`(rows, arrays)`: each item with its log-prob, token count and track statistics (at `tracker`'s threshold), and
-    the arrays the other detectors read: `resid_NLD`, `sae_NF`, `stats_NGS` (statistics at every threshold of
+    the arrays the other detectors read: `resid_NLD`, `resid_last_NLD`, `sae_NF` (pooled as `sae_pools` says), `stats_NGS` (statistics at every threshold of
     `thresholds`, plus `tracker`'s own), `thresholds`, `threshold` (`tracker`'s), `sae_layers`. The tokens all prompts
     share (the primer of the model's own answers) are encoded once (`shared_prefix`)."""
     tracker = tracker or HypothesisTracker()
     grid = sorted(set(thresholds) | {tracker.threshold})
     trackers = [copy.copy(tracker) for _ in grid]
     for t, th in zip(trackers, grid): t.threshold = th
-    rows, resid, sae, stats = [], [], [], []
+    rows, resid, last, sae, stats = [], [], [], [], []
     prefix = shared_prefix(model, tokenizer, [it.get("prompt") or qa_prompt(it["question"]) for it in items])
     for it in tqdm(items, desc="scoring answers", disable=not progress):
         s = score_answer(model, tokenizer, saes, it["question"], it["answer"], top_k, it.get("prompt"), prefix)
         st = [track_statistics(t.track(s["features"])) for t in trackers]
         rows.append({k: v for k, v in it.items() if k != "prompt"} | {"mean_logprob": s["mean_logprob"], "answer_tokens": s["answer_tokens"],
                                                                        **st[grid.index(tracker.threshold)]})
-        resid.append(s["resid_LD"]); sae.append(s["sae_F"]); stats.append([[d[k] for k in STAT_NAMES] for d in st])
-    return rows, {"resid_NLD": torch.stack(resid), "sae_NF": torch.stack(sae), "stats_NGS": np.array(stats), "thresholds": grid,
+        resid.append(s["resid_LD"]); last.append(s["resid_last_LD"]); sae.append(s["sae_F"]); stats.append([[d[k] for k in STAT_NAMES] for d in st])
+    return rows, {"resid_NLD": torch.stack(resid), "resid_last_NLD": torch.stack(last), "sae_NF": torch.stack(sae), "sae_pools": SAE_POOLS,
+                  "stats_NGS": np.array(stats), "thresholds": grid,
                   "threshold": tracker.threshold, "sae_layers": sorted(saes)}
 
 def _choose(options, y, idx, l2s=(1e-3, 1e-2, 1e-1, 1.0)) -> tuple:
@@ -275,10 +279,17 @@ def _split_rows(rows: list) -> tuple:
     return idx, y
 
 def _sae_column(f: int, arrays: dict) -> tuple:
-    "`(layer, pooling, feature id)` of column `f` of `sae_NF` (layer by layer: mean over d_sae, then max)."
-    d_sae = arrays["sae_NF"].shape[1] // (2 * len(arrays["sae_layers"]))
+    "`(layer, pooling, feature id)` of column `f` of `sae_NF` (layer by layer, a block of d_sae per pooling of `sae_pools`)."
+    pools = arrays.get("sae_pools", ("mean", "max"))
+    d_sae = arrays["sae_NF"].shape[1] // (len(pools) * len(arrays["sae_layers"]))
     block, fid = divmod(f, d_sae)
-    return arrays["sae_layers"][block // 2], ("mean", "max")[block % 2], fid
+    return arrays["sae_layers"][block // len(pools)], pools[block % len(pools)], fid
+
+def _resid_options(arrays: dict, layers) -> list:
+    """The residual probe's `(params, X_NF)` options: each of `layers`, averaged over the answer (`pool` mean) and, where
+    `score_items` kept it, at the answer's last token (`pool` last). Mean comes first, so it wins a tie on validation."""
+    pools = {"mean": arrays["resid_NLD"]} | ({"last": arrays["resid_last_NLD"]} if "resid_last_NLD" in arrays else {})
+    return [({"layer": l, "pool": p}, R[:, l].numpy()) for p, R in pools.items() for l in layers]
 
 def _sae_feature(f: int, arrays: dict) -> str:
     "Name of column `f` of `sae_NF`: layer, pooling and feature id, e.g. `L9 max #301`."
@@ -294,7 +305,7 @@ def fit_detectors(rows: list, arrays: dict) -> dict:
     uni_F = np.abs(univariate_auroc(sae_NF[idx["train"]], y[idx["train"]]) - 0.5)
     order_F = np.argsort(-uni_F, kind="stable")
     probe_l2s = (1e-2, 1e-1, 1.0)
-    def resid(params): return [f"resid L{params['layer']}"] * D
+    def resid(params): return [f"resid L{params['layer']} {params['pool']}"] * D
     fits = {}
     fits["tracker"] = Fitted(*_choose([({"threshold": grid[own]}, stats_NGS[:, own])], y, idx), list(STAT_NAMES))
     fits["tracker_tuned"] = Fitted(*_choose([({"threshold": th}, stats_NGS[:, g]) for g, th in enumerate(grid)], y, idx), list(STAT_NAMES))
@@ -302,16 +313,16 @@ def fit_detectors(rows: list, arrays: dict) -> dict:
     fits["text"] = Fitted(*_choose([({}, np.array([text_features(r["question"], r["answer"], r["answer_tokens"]) for r in rows]))], y, idx),
                           list(TEXT_FEATURES))
     for name, layers in (("probe_all_layers", range(resid_NLD.shape[1])), ("probe_tracker_layers", arrays["sae_layers"])):
-        m, params, val, X_NF = _choose([({"layer": l}, resid_NLD[:, l].numpy()) for l in layers], y, idx, probe_l2s)
+        m, params, val, X_NF = _choose(_resid_options(arrays, layers), y, idx, probe_l2s)
         fits[name] = Fitted(m, params, val, X_NF, resid(params))
     ks = sorted({min(k, sae_NF.shape[1]) for k in SPARSE_K})
     m, params, val, X_NF = _choose([({"k": k}, sae_NF[:, order_F[:k]]) for k in ks], y, idx, probe_l2s)
     cols = order_F[:params["k"]].tolist()
     fits["sparse_probe"] = Fitted(m, params, val, X_NF, [_sae_feature(f, arrays) for f in cols], [_sae_column(f, arrays) for f in cols])
-    th, layer = fits["tracker_tuned"].params["threshold"], fits["probe_all_layers"].params["layer"]
-    both = np.concatenate([stats_NGS[:, grid.index(th)], resid_NLD[:, layer].numpy()], axis=1)
-    fits["tracks+probe"] = Fitted(*_choose([({"threshold": th, "layer": layer}, both)], y, idx, probe_l2s),
-                                  list(STAT_NAMES) + resid({"layer": layer}))
+    th, probe = fits["tracker_tuned"].params["threshold"], fits["probe_all_layers"]
+    both = np.concatenate([stats_NGS[:, grid.index(th)], probe.X_NF], axis=1)
+    fits["tracks+probe"] = Fitted(*_choose([({"threshold": th} | probe.params, both)], y, idx, probe_l2s),
+                                  list(STAT_NAMES) + resid(probe.params))
     return fits
 
 def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 0, fits: dict | None = None) -> dict:
@@ -344,7 +355,7 @@ def format_report(report: dict) -> str:
     lines = []
     for name in report.get("detectors", DETECTORS):
         r = report[name]
-        chosen = ", ".join(f"{k} {r[k]}" for k in ("threshold", "layer", "k") if k in r)
+        chosen = ", ".join(f"{k} {r[k]}" for k in ("threshold", "layer", "pool", "k") if k in r)
         lo, hi = r["test_auroc_ci"]
         lines.append(f"  {name:<21} test AUROC {r['test_auroc']:.3f} (95% {lo:.3f}–{hi:.3f})  val {r['val_auroc']:.3f}  "
                      f"accuracy {r['test_accuracy']:.3f}  l2 {r['l2']:g}" + (f", {chosen}" if chosen else ""))

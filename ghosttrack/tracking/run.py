@@ -17,7 +17,7 @@ from ..data.corpus import load_truthfulqa
 from ..data.models import check_same_model, load_model, model_name
 from ..dictionaries.sae import SAE, load_sae
 from ..interpret.run import foreign_saes
-from .answers import (against_hand_labels, answer_and_label, evaluate_own_answers, load_hand_labels,
+from .answers import (answer_and_label, evaluate_own_answers, load_hand_labels,
                                          save_generations_csv)
 from .explain import EXPLAINED, describe, explain_flagged, save_explanations
 from .hallucination import evaluate_truthfulqa, plot_calibration, save_scores_csv, subsample
@@ -152,9 +152,8 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
     if own_answers:
         gens = answer_and_label(model, tok, splits, n_samples, max_new_tokens, seed, primer, measure, progress)
         save_generations_csv(gens, out / "generations.csv")
-        own_rows, own, own_fits = evaluate_own_answers(model, tok, saes, gens, tracker, top_k, progress, bootstrap, seed)
-        own.update(measure=measure, n_samples=n_samples, max_new_tokens=max_new_tokens, primer=primer, temperature=1.0,
-                   hand_labels=against_hand_labels(own_rows, load_hand_labels(), bootstrap, seed))
+        own_rows, own, own_fits = evaluate_own_answers(model, tok, saes, gens, tracker, top_k, progress, bootstrap, seed, load_hand_labels())
+        own.update(measure=measure, n_samples=n_samples, max_new_tokens=max_new_tokens, primer=primer, temperature=1.0)
         if explain:
             expl = describe(explain_flagged(own_rows, own_fits, n_answers=explain), model, tok, saes, tracker, info, top_k,
                             prompts=[g["prompt"] for g in gens])
