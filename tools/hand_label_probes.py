@@ -18,7 +18,7 @@ import torch
 from ghosttrack.data.models import hooked, layer_hookpoints, load_model
 from ghosttrack.data.corpus import load_truthfulqa
 from ghosttrack.tracking.answers import _fold_of, answer_prompt, cv_auroc, label_answer, load_hand_labels
-from ghosttrack.tracking.hallucination import Logistic, auroc
+from ghosttrack.tracking.hallucination import Logistic, auroc, resid_pools
 from ghosttrack.tracking.tracker import answer_positions
 
 
@@ -30,8 +30,7 @@ def residuals(model, tok, rows) -> dict:
         ids_1T, pos = answer_positions(tok, answer_prompt(r["question"]), " " + r["answer"].strip())
         res = {}
         with hooked(model, hps, read=lambda name, act: res.__setitem__(name, act.detach())): model(ids_1T)
-        out["mean"].append(torch.stack([res[h][0, pos].float().mean(0) for h in hps]))
-        out["last"].append(torch.stack([res[h][0, pos[-1]].float() for h in hps]))
+        for k, R_LD in zip(out, resid_pools(res, hps, pos)): out[k].append(R_LD)
     return {k: torch.stack(v).double().numpy() for k, v in out.items()}
 
 

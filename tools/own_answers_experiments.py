@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ghosttrack.tracking.answers import _key, against_hand_labels, answer_prompt, embed, load_hand_labels
+from ghosttrack.tracking.answers import _hand_rows, _key, against_hand_labels, answer_prompt, embed, load_hand_labels
 from ghosttrack.tracking.hallucination import (DETECTORS, Logistic, _choose, _split_rows, auroc, compare_detectors, fit_detectors,
                                                score_items, univariate_auroc)
 from ghosttrack.tracking.run import load_run, run_tracker
@@ -45,11 +45,8 @@ def main(run):
     print(f"{h['answers']} hand-labelled test answers; the automatic label agrees on {h['automatic_agreement']:.1%}")
     for n in DETECTORS: print(f"{n:28s} automatic {rep[n]['test_auroc']:.3f}  hand {h[n]['auroc']:.3f}")
     idx, y = _split_rows(rows)
-    labels = {_key(r["question"], r["answer"]): int(not r["true"]) for r in hand}
-    def labelled(split):
-        found = [(i, labels[k]) for i in idx[split] if (k := _key(rows[i]["question"], rows[i]["answer"])) in labels]
-        return np.array([i for i, _ in found]), np.array([f for _, f in found])
-    (hi, hy), (vi, vy) = labelled("test"), labelled("val")
+    labels = {_key(r["question"], r["answer"]): not r["true"] for r in hand}
+    (hi, hy), (vi, vy) = _hand_rows(rows, labels, "test"), _hand_rows(rows, labels, "val")
     sae = np.asarray(A["sae_NF"], dtype=np.float64)
     stats = A["stats_NGS"][:, A["thresholds"].index(A["threshold"])]
     agree = {"SAE latents": agreement_with_others(rows, sae), "sentence embeddings": agreement_with_others(rows, embed([r["answer"] for r in rows]))}

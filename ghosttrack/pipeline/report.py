@@ -97,6 +97,11 @@ def clt_rows(g: dict) -> list:
 TRACKING_TASKS = (("reference answers", None, ""), ("the model's own answers", "own_answers", "own_answers_"))
 "(title, key in `auroc.json` (None: the top level), prefix of its files in `tracking/`) of the two TruthfulQA tasks"
 
+def _paired_rows(paired: dict) -> list:
+    "Table rows of paired tests (`paired_bootstrap` results by `a-b` name)."
+    return [{"paired test": k.replace("-", " − ", 1), "AUROC difference": d["diff"],
+             "95% interval": "{:+.3f} to {:+.3f}".format(*d["ci"]), "p": d["p_value"]} for k, d in paired.items()]
+
 def tracking_sections(auroc: dict) -> list:
     """(title, markdown) of each TruthfulQA task in `auroc` (`tracking/auroc.json`): the detectors' test AUROC with
     question-level 95% intervals and their validation AUROC, then the paired tests."""
@@ -108,9 +113,7 @@ def tracking_sections(auroc: dict) -> list:
         rows = [{"detector": k, "test AUROC": r[k]["test_auroc"], "95% interval": "{:.3f}–{:.3f}".format(*r[k]["test_auroc_ci"]),
                  "val AUROC": r[k]["val_auroc"], "chosen on val": ", ".join(f"{c} {r[k][c]}" for c in ("threshold", "layer", "pool", "k") if c in r[k])}
                 for k in r["detectors"]]
-        pairs = [{"paired test": f"{a} − {b}", "AUROC difference": d["diff"],
-                  "95% interval": "{:+.3f} to {:+.3f}".format(*d["ci"]), "p": d["p_value"]}
-                 for a, b, d in ((*k.split("-", 1), d) for k, d in r.get("paired", {}).items())]
+        pairs = _paired_rows(r.get("paired", {}))
         text = (f"Test split: {sizes.get('questions', '?')} questions, {sizes.get('items', '?')} answers, "
                 f"{sizes.get('false', '?')} false. Intervals resample questions.\n\n" + markdown_table(rows))
         if pairs: text += "\n\n" + markdown_table(pairs)
@@ -126,9 +129,7 @@ def tracking_sections(auroc: dict) -> list:
                              [{"detector": k, "AUROC": t[k]["auroc"], "95% interval": "{:.3f}–{:.3f}".format(*t[k]["ci"]),
                                "cv AUROC": t[k]["cv_auroc"], "chosen": ", ".join(f"{c} {t[k][c]}" for c in ("layer", "pool", "threshold") if c in t[k])}
                               for k in t["detectors"]])
-                         + "\n\n" + markdown_table([{"paired test": k.replace("-", " − ", 1), "AUROC difference": d["diff"],
-                                                      "95% interval": "{:+.3f} to {:+.3f}".format(*d["ci"]), "p": d["p_value"]}
-                                                     for k, d in t["paired"].items()]))
+                         + "\n\n" + markdown_table(_paired_rows(t["paired"])))
         out.append((f"Hallucination detection: {title} (TruthfulQA)", text))
     return out
 

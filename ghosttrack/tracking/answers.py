@@ -20,7 +20,8 @@ from ..core.io import atomic_path, rebuilding
 from ..data.corpus import _bos_id, asset
 from ..data.models import cache_root, package_folder
 from .hallucination import (DETECTORS, SPLITS, Logistic, _resid_options, auroc, bootstrap_auroc, common_prefix,
-                                               compare_detectors, encode_prefix, fit_detectors, paired_bootstrap, qa_prompt, score_items)
+                                               compare_detectors, encode_prefix, fit_detectors, format_paired, paired_bootstrap, qa_prompt,
+                                               score_items)
 from .tracker import HypothesisTracker
 
 # %% auto #0
@@ -294,8 +295,7 @@ def format_hand(h: dict) -> str:
             chosen = ", ".join(f"{k} {t[n][k]}" for k in ("layer", "pool", "threshold") if k in t[n])
             lines.append(f"  {n:<21} AUROC {t[n]['auroc']:.3f} (95% {t[n]['ci'][0]:.3f}–{t[n]['ci'][1]:.3f})  cv {t[n]['cv_auroc']:.3f}"
                          f"  l2 {t[n]['l2']:g}, {chosen}")
-        lines += [f"  {k:<38} AUROC difference {d['diff']:+.3f} (95% {d['ci'][0]:+.3f}–{d['ci'][1]:+.3f}), p = {d['p_value']:.3g}"
-                  for k, d in t.get("paired", {}).items()]
+        lines += format_paired(t.get("paired", {}))
         if not t["detectors"]: lines.append("  (too few hand-labelled answers of each kind to fit on)")
     return "\n".join(lines)
 

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'SAE_POOLS', 'auroc',
            'split_by_question', 'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items',
-           'qa_prompt', 'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answer', 'text_features', 'subsample',
-           'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors', 'compare_detectors', 'format_report',
-           'evaluate_truthfulqa', 'save_scores_csv', 'plot_calibration']
+           'qa_prompt', 'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answer', 'resid_pools',
+           'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors',
+           'compare_detectors', 'format_paired', 'format_report', 'evaluate_truthfulqa', 'save_scores_csv',
+           'plot_calibration']
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #c037e28a
 def auroc(scores, labels) -> float:
@@ -177,8 +178,13 @@ def score_answer(model, tokenizer, saes: dict, question: str, answer: str, top_k
         acts_PF = sae.encode(resid[sae.cfg.hook_name][0, pos].to(sae.W_dec_FD.device, sae.W_dec_FD.dtype)).float().cpu()
         pooled += [acts_PF.mean(0), acts_PF.max(0).values, acts_PF[-1]]
     return {"mean_logprob": mean_logprob, "answer_tokens": len(pos) - 1, "features": feats,
-            "resid_LD": torch.stack([resid[hp][0, pos].float().mean(0).cpu() for hp in hps]),
-            "resid_last_LD": torch.stack([resid[hp][0, pos[-1]].float().cpu() for hp in hps]), "sae_F": torch.cat(pooled)}
+            **dict(zip(("resid_LD", "resid_last_LD"), resid_pools(resid, hps, pos))), "sae_F": torch.cat(pooled)}
+
+def resid_pools(resid: dict, hps: list, pos: list) -> tuple:
+    """`(mean_LD, last_LD)`: the residuals `resid` (hookpoint → `[1, T, D]`) of the blocks `hps`, averaged over the
+    positions `pos` (`answer_positions`) and at the last of them, on the CPU in float32."""
+    return (torch.stack([resid[hp][0, pos].float().mean(0).cpu() for hp in hps]),
+            torch.stack([resid[hp][0, pos[-1]].float().cpu() for hp in hps]))
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #30f95d40
 TEXT_FEATURES = ("answer_tokens", "words", "chars_per_word", "negations", "no_comment", "dont_know", "hedges", "absolutes",
@@ -350,6 +356,11 @@ def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 
                            "false": int(y[idx[s]].sum())} for s in SPLITS}
     return report
 
+def format_paired(paired: dict) -> list:
+    "Text lines of paired tests (`paired_bootstrap` results by `a-b` name), as the reports print them."
+    return [f"  {pair:<38} AUROC difference {d['diff']:+.3f} (95% {d['ci'][0]:+.3f}–{d['ci'][1]:+.3f}), p = {d['p_value']:.3g}"
+            for pair, d in paired.items()]
+
 def format_report(report: dict) -> str:
     "The detectors and paired tests of a `compare_detectors` report as aligned text lines."
     lines = []
@@ -359,8 +370,7 @@ def format_report(report: dict) -> str:
         lo, hi = r["test_auroc_ci"]
         lines.append(f"  {name:<21} test AUROC {r['test_auroc']:.3f} (95% {lo:.3f}–{hi:.3f})  val {r['val_auroc']:.3f}  "
                      f"accuracy {r['test_accuracy']:.3f}  l2 {r['l2']:g}" + (f", {chosen}" if chosen else ""))
-    for pair, d in report.get("paired", {}).items():
-        lines.append(f"  {pair:<38} AUROC difference {d['diff']:+.3f} (95% {d['ci'][0]:+.3f}–{d['ci'][1]:+.3f}), p = {d['p_value']:.3g}")
+    lines += format_paired(report.get("paired", {}))
     return "\n".join(lines)
 
 def evaluate_truthfulqa(model, tokenizer, saes: dict, splits: dict, tracker: HypothesisTracker | None = None,
