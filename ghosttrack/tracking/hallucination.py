@@ -23,15 +23,15 @@ from ..core.runlog import tqdm
 from ..core.io import atomic_path
 from ..data.corpus import split_truthfulqa
 from ..data.models import hooked, layer_hookpoints
-from .tracker import STAT_NAMES, HypothesisTracker, answer_positions, prompt_features, track_statistics
+from .tracker import STAT_NAMES, HypothesisTracker, answer_positions, layer_acts, select_features, track_statistics
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'SAE_POOLS', 'auroc',
            'split_by_question', 'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items',
-           'qa_prompt', 'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answer', 'resid_pools',
-           'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors',
+           'qa_prompt', 'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answers', 'score_answer',
+           'resid_pools', 'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors',
            'compare_detectors', 'format_paired', 'format_report', 'evaluate_truthfulqa', 'save_scores_csv',
            'plot_calibration']
 
@@ -142,43 +142,66 @@ def encode_prefix(model, prefix: list) -> tuple:
 
 def shared_prefix(model, tokenizer, prompts, min_tokens: int = 16):
     """`(ids, keyword, cache)`: the token ids every prompt of `prompts` starts with (BOS, and for the model's own answers
-    the primer) and their KV cache (`encode_prefix`), for `score_answer` to encode them once; `None` when they share
-    fewer than `min_tokens` or the model's cache cannot be cut back to them after each use (`crop`)."""
+    the primer) and their KV cache (`encode_prefix`), for `score_answers` to encode them once; `None` when they share
+    fewer than `min_tokens` or the model's cache cannot be repeated over a batch (`batch_repeat_interleave`)."""
     ids = [answer_positions(tokenizer, p)[0][0].tolist() for p in dict.fromkeys(prompts)]
     if not ids or (P := common_prefix(ids)) < min_tokens: return None
     key, cache = encode_prefix(model, ids[0][:P])
-    return (ids[0][:P], key, cache) if callable(getattr(cache, "crop", None)) and callable(getattr(cache, "get_seq_length", None)) else None
+    return (ids[0][:P], key, cache) if callable(getattr(cache, "batch_repeat_interleave", None)) else None
+
+def _forward_rows(model, rows: list, hps: list, prefix=None) -> tuple:
+    """`(logits_BTV, {hookpoint: [B, T, D]})` of the token-id lists `rows` in one forward pass, right-padded (a causal
+    model's real positions never see the padding after them). With `prefix`, each row continues its cache."""
+    dev, T = next(model.parameters()).device, max(map(len, rows))
+    ids_BT = torch.tensor([r + [r[-1]] * (T - len(r)) for r in rows], device=dev)
+    kv = {}
+    if prefix is not None:
+        kv = {prefix[1]: copy.deepcopy(prefix[2]), "use_cache": True}
+        kv[prefix[1]].batch_repeat_interleave(len(rows))
+    resid = {}
+    def read(name, act): resid[name] = act.detach()
+    with hooked(model, hps, read=read): logits_BTV = model(ids_BT, **kv).logits
+    return logits_BTV, resid
 
 @torch.no_grad()
+def score_answers(model, tokenizer, saes: dict, items: list, top_k: int = 16, prefix=None, batch_size: int = 16):
+    """`score_answer` for each of `items` (dicts with `question`, `answer` and optionally `prompt`), in order, as a
+    generator: the model reads `batch_size` answers per forward pass. With `prefix` (`shared_prefix`) the tokens it
+    holds are not encoded again."""
+    hps = layer_hookpoints(model)
+    for start in range(0, len(items), batch_size):
+        batch = []
+        for it in items[start:start + batch_size]:
+            prompt, answer = it.get("prompt") or qa_prompt(it["question"]), " " + it["answer"].strip()
+            ids_1T, pos = answer_positions(tokenizer, prompt, answer)
+            ids = ids_1T[0].tolist()
+            n = len(prefix[0]) if prefix is not None and pos[0] >= len(prefix[0]) and ids[:len(prefix[0])] == prefix[0] else 0
+            batch.append((ids, pos, n))
+        out = [None] * len(batch)
+        for cached in (True, False):      # rows that continue the prefix, and rows read whole
+            group = [i for i, (_, _, n) in enumerate(batch) if bool(n) == cached]
+            if not group: continue
+            logits_BTV, resid_B = _forward_rows(model, [batch[i][0][batch[i][2]:] for i in group], hps, prefix if cached else None)
+            for b, i in enumerate(group):
+                ids, pos, n = batch[i]
+                resid = {k: torch.nn.functional.pad(v[b:b + 1, :len(ids) - n], (0, 0, n, 0)) for k, v in resid_B.items()}  # prefix positions are never read
+                logp_TV = logits_BTV[b, pos[0] - n:pos[-1] - n].float().log_softmax(-1)
+                mean_logprob = float(logp_TV.gather(1, torch.tensor(ids[pos[1]:], device=logp_TV.device)[:, None]).mean())
+                acts = {layer: a.float().cpu() for layer, a in layer_acts(saes, resid, pos).items()}
+                out[i] = {"mean_logprob": mean_logprob, "answer_tokens": len(pos) - 1,
+                          "features": [select_features(layer, a_PF, saes[layer].W_dec_FD, top_k) for layer, a_PF in acts.items()],
+                          **dict(zip(("resid_LD", "resid_last_LD"), resid_pools(resid, hps, pos))),
+                          "sae_F": torch.cat([p for a_PF in acts.values() for p in (a_PF.mean(0), a_PF.max(0).values, a_PF[-1])])}
+        yield from out
+
 def score_answer(model, tokenizer, saes: dict, question: str, answer: str, top_k: int = 16, prompt: str | None = None,
                  prefix=None) -> dict:
     """What every detector reads from one answer after `prompt` (default `qa_prompt(question)`): `mean_logprob`,
     `answer_tokens`, the tracker's `features` (`LayerFeatures` per SAE layer), the residual per block averaged over
     the positions read, `resid_LD`, and at the answer's last token, `resid_last_LD`, and the SAE activations of the SAE
-    layers pooled over the positions read, `sae_F` (layer by layer: mean over d_sae, then max, then the last token's). With `prefix` (`shared_prefix`) the tokens it holds are not encoded again."""
-    prompt, answer = prompt or qa_prompt(question), " " + answer.strip()
-    ids_1T, pos = answer_positions(tokenizer, prompt, answer)
-    dev = next(model.parameters()).device
-    hps = layer_hookpoints(model)
-    n = len(prefix[0]) if prefix is not None and pos[0] >= len(prefix[0]) and ids_1T[0, :len(prefix[0])].tolist() == prefix[0] else 0
-    resid = {}
-    def read(name, act): resid[name] = act.detach()
-    with hooked(model, hps, read=read):
-        if n:
-            try: logits_1TV = model(ids_1T[:, n:].to(dev), **{prefix[1]: prefix[2]}, use_cache=True).logits
-            finally: prefix[2].crop(n - prefix[2].get_seq_length())    # back to the prefix alone (a count to remove: any version)
-        else: logits_1TV = model(ids_1T.to(dev)).logits
-    if n: resid = {k: torch.nn.functional.pad(v, (0, 0, n, 0)) for k, v in resid.items()}   # prefix positions are never read
-    logp_TV = logits_1TV[0, pos[0] - n:pos[-1] - n].float().log_softmax(-1)
-    mean_logprob = float(logp_TV.gather(1, ids_1T[0, pos[1]:].to(dev)[:, None]).mean())
-    feats = prompt_features(model, tokenizer, saes, prompt, answer, top_k, resid=resid)
-    pooled = []
-    for layer in sorted(saes):
-        sae = saes[layer]
-        acts_PF = sae.encode(resid[sae.cfg.hook_name][0, pos].to(sae.W_dec_FD.device, sae.W_dec_FD.dtype)).float().cpu()
-        pooled += [acts_PF.mean(0), acts_PF.max(0).values, acts_PF[-1]]
-    return {"mean_logprob": mean_logprob, "answer_tokens": len(pos) - 1, "features": feats,
-            **dict(zip(("resid_LD", "resid_last_LD"), resid_pools(resid, hps, pos))), "sae_F": torch.cat(pooled)}
+    layers pooled over the positions read, `sae_F` (layer by layer: mean over d_sae, then max, then the last token's).
+    With `prefix` (`shared_prefix`) the tokens it holds are not encoded again. Many answers: `score_answers`."""
+    return next(score_answers(model, tokenizer, saes, [{"question": question, "answer": answer, "prompt": prompt}], top_k, prefix))
 
 def resid_pools(resid: dict, hps: list, pos: list) -> tuple:
     """`(mean_LD, last_LD)`: the residuals `resid` (hookpoint → `[1, T, D]`) of the blocks `hps`, averaged over the
@@ -223,20 +246,23 @@ def subsample(splits: dict, max_questions: int | None, seed: int = 0) -> dict:
     return {s: rnd.sample(v, min(len(v), max(2, round(max_questions * len(v) / total)))) for s, v in splits.items()}
 
 def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTracker | None = None, top_k: int = 16,
-                progress: bool = True, thresholds=TRACK_THRESHOLDS) -> tuple:
+                progress: bool = True, thresholds=TRACK_THRESHOLDS, batch_size: int = 16) -> tuple:
     """`(rows, arrays)`: each item with its log-prob, token count and track statistics (at `tracker`'s threshold), and
     the arrays the other detectors read: `resid_NLD`, `resid_last_NLD`, `sae_NF` (pooled as `sae_pools` says), `stats_NGS` (statistics at every threshold of
     `thresholds`, plus `tracker`'s own), `thresholds`, `threshold` (`tracker`'s), `sae_layers`. The tokens all prompts
-    share (the primer of the model's own answers) are encoded once (`shared_prefix`)."""
+    share (the primer of the model's own answers) are encoded once (`shared_prefix`); the model reads `batch_size`
+    answers per forward pass (`score_answers`)."""
     tracker = tracker or HypothesisTracker()
     grid = sorted(set(thresholds) | {tracker.threshold})
     trackers = [copy.copy(tracker) for _ in grid]
     for t, th in zip(trackers, grid): t.threshold = th
     rows, resid, last, sae, stats = [], [], [], [], []
     prefix = shared_prefix(model, tokenizer, [it.get("prompt") or qa_prompt(it["question"]) for it in items])
-    for it in tqdm(items, desc="scoring answers", disable=not progress):
-        s = score_answer(model, tokenizer, saes, it["question"], it["answer"], top_k, it.get("prompt"), prefix)
-        st = [track_statistics(t.track(s["features"])) for t in trackers]
+    scored = score_answers(model, tokenizer, saes, items, top_k, prefix, batch_size)
+    for it, s in tqdm(zip(items, scored), total=len(items), desc="scoring answers", disable=not progress):
+        f = s["features"]
+        pair_scores = [tracker.scores(a, b) for a, b in zip(f, f[1:])]         # the same at every threshold
+        st = [track_statistics(t.track(f, pair_scores)) for t in trackers]
         rows.append({k: v for k, v in it.items() if k != "prompt"} | {"mean_logprob": s["mean_logprob"], "answer_tokens": s["answer_tokens"],
                                                                        **st[grid.index(tracker.threshold)]})
         resid.append(s["resid_LD"]); last.append(s["resid_last_LD"]); sae.append(s["sae_F"]); stats.append([[d[k] for k in STAT_NAMES] for d in st])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
@@ -21,7 +22,7 @@ from ..interpret.features import load_features
 
 # %% auto #0
 __all__ = ['MIN_COACT_POSITIONS', 'STAT_NAMES', 'LayerFeatures', 'select_features', 'answer_positions', 'prompt_features',
-           'association_scores', 'match', 'Track', 'TrackResult', 'HypothesisTracker', 'track_statistics',
+           'layer_acts', 'association_scores', 'match', 'Track', 'TrackResult', 'HypothesisTracker', 'track_statistics',
            'feature_info', 'feature_labeler', 'label_tracks', 'plot_tracks', 'clt_write', 'clt_edge_fn', 'find_clts']
 
 # %% ../../nbs/70_tracking_tracker.ipynb #9315f880
@@ -37,8 +38,8 @@ class LayerFeatures:
     W_dec_KD: torch.Tensor
     "decoder direction of each feature"
 
-    @property
-    def strength_K(self) -> torch.Tensor: return self.acts_PK.mean(0)
+    @cached_property
+    def strength_K(self) -> torch.Tensor: return self.acts_PK.mean(0)   # computed once: tracking reads it per feature
 
 def select_features(layer: int, acts_PF: torch.Tensor, W_dec_FD: torch.Tensor, top_k: int = 16) -> LayerFeatures:
     "The `top_k` features with the largest mean activation over the positions (only those that fire at all)."
@@ -68,12 +69,12 @@ def prompt_features(model, tokenizer, saes: dict, prompt: str, answer: str | Non
     if resid is None:
         dev = next(model.parameters()).device
         resid = capture_activations(model, ids_1T.to(dev), [s.cfg.hook_name for s in saes.values()])
-    out = []
-    for layer in sorted(saes):
-        sae = saes[layer]
-        x_PD = resid[sae.cfg.hook_name][0, pos].to(sae.W_dec_FD.device, sae.W_dec_FD.dtype)
-        out.append(select_features(layer, sae.encode(x_PD), sae.W_dec_FD, top_k))
-    return out
+    return [select_features(layer, acts_PF, saes[layer].W_dec_FD, top_k) for layer, acts_PF in layer_acts(saes, resid, pos).items()]
+
+def layer_acts(saes: dict, resid: dict, pos: list) -> dict:
+    "`{layer: [P, d_sae]}`: each SAE of `saes` encoding its hookpoint's residual in `resid` (`[1, T, D]`) at the positions `pos`, by layer."
+    return {layer: saes[layer].encode(resid[saes[layer].cfg.hook_name][0, pos].to(saes[layer].W_dec_FD.device, saes[layer].W_dec_FD.dtype))
+            for layer in sorted(saes)}
 
 # %% ../../nbs/70_tracking_tracker.ipynb #64f241c5
 MIN_COACT_POSITIONS = 3
@@ -167,8 +168,10 @@ class HypothesisTracker:
         edge = self.edge_fn(a.layer, a, b) if self.edge_fn is not None else None
         return association_scores(a, b, self.w_dec, self.w_coact, edge, self.w_edge if edge is not None else 0.0)
 
-    def track(self, layers: list) -> TrackResult:
-        "Tracks through `layers` (`LayerFeatures`, ordered by layer)."
+    def track(self, layers: list, scores: list | None = None) -> TrackResult:
+        """Tracks through `layers` (`LayerFeatures`, ordered by layer). `scores`: the association scores of each
+        consecutive pair where already computed (`self.scores`, by a tracker of the same weights and `edge_fn`), so that
+        trackers differing only in `threshold` score the pairs once."""
         if not layers: raise ValueError("no layers to track; pass the LayerFeatures of at least one layer")
         order = [lf.layer for lf in layers]
         if order != sorted(set(order)): raise ValueError(f"layers {order} must be strictly increasing")
@@ -181,8 +184,10 @@ class HypothesisTracker:
         owner = []
         for k in range(len(layers[0].feature_ids_K)):
             t = born(layers[0]); extend(t, layers[0], k); owner.append(t)
-        for a, b in zip(layers, layers[1:]):
-            s_KJ = self.scores(a, b)
+        if scores is not None and len(scores) != len(layers) - 1:
+            raise ValueError(f"{len(scores)} score matrices for {len(layers)} layers; expected one per consecutive pair ({len(layers) - 1})")
+        for n, (a, b) in enumerate(zip(layers, layers[1:])):
+            s_KJ = self.scores(a, b) if scores is None else scores[n]
             pairs = dict(match(s_KJ, self.threshold, self.method)) if s_KJ.numel() else {}
             new_owner = [None] * len(b.feature_ids_K)
             for i, j in pairs.items(): new_owner[j] = owner[i]; extend(owner[i], b, j)
