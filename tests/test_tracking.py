@@ -388,8 +388,8 @@ def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
     h, labels = own["hand_labels"], {(r["question"], r["answer"]): not r["true"] for r in hand()}
     checked = [(r, labels[(r["question"], r["answer"])]) for r in test if (r["question"], r["answer"]) in labels]
     assert h["answers"] == len(checked) >= len(hand(["test"])) and h["detectors"] == list(DETECTORS)
-    t = h["trained_on_hand"]     # a handful of validation questions: counted, too few to fit on, and said so
-    assert (t["split"], t["answers"], t["questions"]) == ("val", len(hand(["val"])), own["sizes"]["val"]["questions"])
+    t = h["trained_on_hand"]     # trained on train+val; here only a handful of validation questions: counted, too few to fit on, and said so
+    assert (t["split"], t["answers"], t["questions"]) == ("train+val", len(hand(["val"])), own["sizes"]["val"]["questions"])
     assert t["detectors"] == [] and "too few hand-labelled answers" in format_hand(h)
     assert h["automatic_agreement"] == pytest.approx(sum(int(r["label"]) == f for r, f in checked) / len(checked))
     assert h["automatic_agreement"] < 1

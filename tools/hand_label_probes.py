@@ -1,12 +1,12 @@
 """Where in the residual stream SmolLM2-135M's own TruthfulQA answers show whether they are false, by the hand labels.
 
-Feeds each hand-labelled answer (`truthfulqa/hand_labels.csv`, 348 answers of the model itself) after the prompt it
+Feeds each hand-labelled answer (`truthfulqa/hand_labels.csv`, 830 answers of the model itself) after the prompt it
 was generated from, reads the residual after every block averaged over the answer (as `score_answer`'s `resid_LD`)
 and at the answer's last token (`resid_last_LD`), and prints, per block and pooling, the AUROC of a logistic probe's
 out-of-fold scores (`cv_auroc`: folds of whole questions, several shuffles) against the hand labels. Then, as the
-preset splits the questions (`load_truthfulqa(seed=0)`), probes fitted on the validation answers, once with their
-automatic BLEU labels and once with their hand labels, scored against the hand labels of the test answers. No run
-folder is needed; about five minutes on two CPU cores.
+preset splits the questions (`load_truthfulqa(seed=0)`), probes fitted on the train and validation answers (as
+`train_on_hand` fits `probe_hand`), once with their automatic BLEU labels and once with their hand labels, scored
+against the hand labels of the test answers. No run folder is needed; about ten minutes on two CPU cores.
 
     python tools/hand_label_probes.py [--l2 0.1] [--folds 5] [--shuffles 3]
 """
@@ -53,8 +53,8 @@ def main(l2: float, folds: int, shuffles: int):
     split = np.array([ex[r["question"]][0] for r in rows])
     auto_N = np.array([int(not label_answer(r["answer"], ex[r["question"]][1].correct_answers, ex[r["question"]][1].incorrect_answers)["true"])
                        for r in rows])
-    va, te = split == "val", split == "test"
-    print(f"\nfitted on the {va.sum()} validation answers, scored against the hand labels of the {te.sum()} test answers "
+    va, te = split != "test", split == "test"
+    print(f"\nfitted on the {va.sum()} train and validation answers, scored against the hand labels of the {te.sum()} test answers "
           f"(the automatic label agrees with the hand label on {np.mean(auto_N == y_N):.1%} of all)")
     print("block  " + "  ".join(f"{p + ', ' + lab:>13}" for p in R for lab in ("automatic", "hand")))
     for layer in range(R["mean"].shape[1]):

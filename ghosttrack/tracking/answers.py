@@ -205,13 +205,15 @@ def agreement(rows: list, examples, measure: str = "bleu") -> float:
 # %% ../../nbs/73_tracking_answers.ipynb #45c65381
 def _key(question: str, answer: str) -> tuple: return question.strip(), " ".join(answer.split())
 
-def _hand_rows(rows: list, labels: dict, split: str) -> tuple:
-    "`(indices, y_N)`: the rows of `split` whose question and answer have a hand label (1 = false), and those labels."
-    found = [(i, labels[k]) for i, r in enumerate(rows) if r["split"] == split and (k := _key(r["question"], r["answer"])) in labels]
+def _hand_rows(rows: list, labels: dict, split) -> tuple:
+    """`(indices, y_N)`: the rows of `split` (one split's name, or a tuple of them) whose question and answer have a hand
+    label (1 = false), and those labels."""
+    splits = {split} if isinstance(split, str) else set(split)
+    found = [(i, labels[k]) for i, r in enumerate(rows) if r["split"] in splits and (k := _key(r["question"], r["answer"])) in labels]
     return np.array([i for i, _ in found], dtype=int), np.array([int(f) for _, f in found], dtype=int)
 
 def against_hand_labels(rows: list, hand: list, n_boot: int = 1000, seed: int = 0, split: str = "test", arrays: dict | None = None,
-                        fits: dict | None = None, train_split: str = "val") -> dict:
+                        fits: dict | None = None, train_split=("train", "val")) -> dict:
     """The detectors' AUROC (question-level bootstrap interval) against the *hand* labels, on the `split` rows of
     `compare_detectors` whose question and answer have one, and how often the automatic label agrees there. With
     `score_items`'s `arrays` and `fit_detectors`'s `fits`, also the `HAND_TRAINED` detectors (`train_on_hand`)."""
@@ -259,14 +261,16 @@ def _choose_cv(options, idx, y_N, fold_N, l2s) -> tuple:
     return Logistic(l2).fit(X_NF[idx], y_N), params, cv, X_NF
 
 def train_on_hand(rows: list, arrays: dict, fits: dict, labels: dict, test: tuple, n_boot: int = 1000, seed: int = 0,
-                  train_split: str = "val", folds: int = 5, l2s=(1e-2, 1e-1, 1.0)) -> dict:
-    """The `HAND_TRAINED` detectors: fitted on the hand labels of `train_split`'s answers (every choice — block, pooling,
+                  train_split=("train", "val"), folds: int = 5, l2s=(1e-2, 1e-1, 1.0)) -> dict:
+    """The `HAND_TRAINED` detectors: fitted on the hand labels of `train_split`'s answers (a split or a tuple of splits;
+    every choice — block, pooling,
     L2 — by `cv_auroc` over `folds` folds of its questions), scored on `test` (`(indices, y_N)`, the hand-labelled test
     rows) with bootstrap intervals and the `HAND_PAIRS` paired tests. `probe_hand` is the residual probe; `tracks+probe_hand`
     adds `tracker_tuned`'s statistics (its threshold chosen on validation) to it. Empty where too few answers are labelled."""
     vi, vy = _hand_rows(rows, labels, train_split)
     groups = [rows[i]["question"] for i in vi]
-    out = {"split": train_split, "answers": len(vi), "questions": len(set(groups)), "false": int(vy.sum()), "folds": folds}
+    out = {"split": "+".join([train_split] if isinstance(train_split, str) else train_split), "answers": len(vi),
+           "questions": len(set(groups)), "false": int(vy.sum()), "folds": folds}
     if len(set(groups)) < folds or not folds <= vy.sum() <= len(vy) - folds: return out | {"detectors": []}
     fold_N, (ti, ty) = _fold_of(groups, folds, seed), test
     m, params, cv, X_NF = _choose_cv(_resid_options(arrays, range(arrays["resid_NLD"].shape[1])), vi, vy, fold_N, l2s)

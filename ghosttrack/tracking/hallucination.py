@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from ..core.runlog import tqdm
 
 from ..core.io import atomic_path
@@ -42,6 +41,7 @@ def auroc(scores, labels) -> float:
     if s.shape != y.shape: raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape; pass one score per label")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if not n_pos or not n_neg: raise ValueError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} negatives")
+    from scipy.stats import rankdata     # here, not at the top: scipy.stats takes a second to import, which every command would pay
     ranks = rankdata(s)                                           # average ranks: a tie counts half
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -281,6 +281,7 @@ def _choose(options, y, idx, l2s=(1e-3, 1e-2, 1e-1, 1.0)) -> tuple:
 def univariate_auroc(X_NF, y_N) -> np.ndarray:
     "AUROC of every column of `X_NF` alone as a score for `y_N` (ties count half)."
     y = np.asarray(y_N).astype(bool)
+    from scipy.stats import rankdata
     ranks_NF = rankdata(np.asarray(X_NF), axis=0)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     return (ranks_NF[y].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)

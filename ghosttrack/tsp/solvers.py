@@ -8,11 +8,7 @@ from __future__ import annotations
 import itertools
 from typing import Callable, Optional
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_array
-from scipy.sparse.csgraph import connected_components
 from ..core.runlog import tqdm
-
 
 # %% auto #0
 __all__ = ['SOLVERS', 'EXACT_MAX_N', 'tour_len', 'distances', 'brute_force', 'solve_exact', 'nearest_neighbour',
@@ -44,6 +40,9 @@ def brute_force(xy_N2: np.ndarray) -> np.ndarray:
 # %% ../../nbs/17_tsp_solvers.ipynb #99df6ff6
 def solve_exact(xy_N2: np.ndarray, time_limit: float = 600.0) -> np.ndarray:
     "An optimal tour (degree-2 integer program, subtour cuts added lazily, HiGHS via `scipy.optimize.milp`)."
+    from scipy.optimize import Bounds, LinearConstraint, milp   # here: scipy.optimize is slow to import and only this solver needs it
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import connected_components
     n = len(xy_N2)
     if n <= 3: return np.arange(n)
     iu, ju = np.triu_indices(n, 1)

@@ -15,7 +15,6 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
-from scipy.stats import ttest_rel
 from ..core.runlog import tqdm
 
 from ..core.config import ConfigError
@@ -152,6 +151,7 @@ def _greedy_lengths(cfg, policy, coords, decode: str = "greedy") -> np.ndarray:
 def _t_test(cfg, candidate: np.ndarray, baseline: np.ndarray) -> tuple:
     "Is the candidate significantly shorter than the baseline on the same instances? (one-sided paired t-test)"
     if candidate.mean() >= baseline.mean(): return False, 1.0
+    from scipy.stats import ttest_rel    # here, not at the top: scipy.stats takes a second to import, which every command would pay
     p = float(ttest_rel(candidate, baseline, alternative="less").pvalue)
     return p < cfg.baseline_alpha, p
 
