@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -122,6 +123,11 @@ def peer_python(name: str) -> tuple:
     py = os.environ.get(env) or str(Path(venv) / "bin" / "python")
     if not Path(py).exists():
         return None, f"not installed ({env} unset and no {venv}/; pip install ghosttrack[bench] in a separate venv)"
+    return _peer_version(py, module, dist_name)
+
+@functools.lru_cache(maxsize=None)
+def _peer_version(py: str, module: str, dist_name: str) -> tuple:
+    "Import the peer once in its interpreter (seconds: SAELens takes about 8) and read its version; kept for the process."
     code = f"import importlib.metadata as m, {module}; print(m.version({dist_name!r}))"
     r = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300)
     if r.returncode != 0: return None, f"{py} cannot import {module}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"

@@ -17,7 +17,7 @@ from ..core.run_config import RunConfig
 from ..data.corpus import TokenSource, make_corpus
 from ..data.models import check_same_model, layer_hookpoints, load_model, max_positions, model_name
 from ..data.store import ActivationDataset, hook_dirname, extract_activations
-from ..dictionaries.evaluate import evaluate_sae, spliced_lm_metrics
+from ..dictionaries.evaluate import evaluate_sae, spliced_lm_metrics_many
 from ..dictionaries.formats import CT_CONFIG, detect_layout, load_saes
 from ..dictionaries.sae import SAE_WEIGHTS_FILENAME, load_sae
 from ..dictionaries.stream import stream_train_saes
@@ -100,22 +100,26 @@ def run_lm_eval(cfg: RunConfig, trained: dict, model, tokenizer, save_dir=None, 
     if rows is None:
         log.warning("no held-out text left after the rows used for extraction; skipping the spliced-LM evaluation")
         return {}
-    out, identity = {}, model_name(model)
+    out, todo, identity = {}, {}, model_name(model)
+    rows_id = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
     for hp in trained:
         folder = saes_dir(cfg, save_dir) / hook_dirname(hp)
         sae = load_sae(folder, device=cfg.extract.device)
         if sae.cfg.model_name and sae.cfg.model_name != identity:
             log.warning("%s: SAE trained on %s, not on %s; skipping the spliced-LM evaluation", hp, sae.cfg.model_name, identity)
             continue
-        measured = {"sae_weights": sha256_file(folder / SAE_WEIGHTS_FILENAME), "rows": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16],
-                    "metrics": LM_METRICS}
+        measured = {"sae_weights": sha256_file(folder / SAE_WEIGHTS_FILENAME), "rows": rows_id, "metrics": LM_METRICS}
         old = load_json(folder / "lm_eval.json") if (folder / "lm_eval.json").exists() else {}
         if old.get("measured") == measured and not overwrite:
             log.info("%s: spliced-LM loss already measured for these weights and rows, reusing", hp)
             out[hp] = old; continue
-        out[hp] = spliced_lm_metrics(model, sae, hp, rows, batch_size=cfg.extract.batch_size) | {"eval_rows": len(rows), "measured": measured}
+        todo[hp] = (folder, sae, measured)
+    # all SAEs in one pass over the rows: each batch's clean forward is shared
+    metrics = spliced_lm_metrics_many(model, {hp: (hp, sae) for hp, (_, sae, _) in todo.items()}, rows, batch_size=cfg.extract.batch_size) if todo else {}
+    for hp, (folder, _, measured) in todo.items():
+        out[hp] = metrics[hp] | {"eval_rows": len(rows), "measured": measured}
         save_json(out[hp], folder / "lm_eval.json")
-    return out
+    return {hp: out[hp] for hp in trained if hp in out}
 
 # %% ../../nbs/80_pipeline_run.ipynb #d8a56197
 @dataclass
@@ -157,14 +161,16 @@ def evaluate_dictionaries(cfg: RunConfig, folders, model=None, tokenizer=None, o
         for n, d in saes.items(): check_same_model(d.cfg.model_name, identity, f"the SAE {n} of {f}")
     rows = held_out_rows(cfg, token_source(cfg, tokenizer), cfg.eval_rows)
     if rows is None and cfg.eval_rows: log.warning("no held-out text left after the rows used for extraction; measuring reconstruction only")
+    splices = {(name, n): (sae.cfg.hook_name, sae.to(device).eval()) for name, (_, _, saes, _) in plan.items() for n, sae in saes.items()}
+    lm = {} if rows is None else spliced_lm_metrics_many(model, splices, rows, batch_size=cfg.extract.batch_size)   # one pass for all
     res = {}
     for name, (f, layout, saes, out) in plan.items():
         results = {}
-        for n, sae in saes.items():
-            sae, hp = sae.to(device).eval(), sae.cfg.hook_name
+        for n in saes:
+            hp, sae = splices[name, n]
             val = ActivationDataset(activations_dir(cfg) / hook_dirname(hp), 4096, "val", cfg.train.val_fraction, verify=False)
-            lm = {} if rows is None else spliced_lm_metrics(model, sae, hp, rows, batch_size=cfg.extract.batch_size) | {"eval_rows": len(rows)}
-            results[n] = {"hookpoint": hp, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, **evaluate_sae(sae, val.batches()), **lm}
+            spliced = lm[name, n] | {"eval_rows": len(rows)} if rows is not None else {}
+            results[n] = {"hookpoint": hp, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, **evaluate_sae(sae, val.batches()), **spliced}
         res[name] = {"dictionary": str(f.resolve()), "layout": layout, "metrics": LM_METRICS, "results": results}
     for name, (*_, out) in plan.items(): save_json(res[name], out)
     return res
