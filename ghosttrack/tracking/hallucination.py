@@ -27,23 +27,29 @@ from .tracker import STAT_NAMES, HypothesisTracker, answer_positions, layer_acts
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'SAE_POOLS', 'auroc',
-           'split_by_question', 'bootstrap_auroc', 'paired_bootstrap', 'Logistic', 'fit_on_val', 'truthfulqa_items',
-           'qa_prompt', 'common_prefix', 'encode_prefix', 'shared_prefix', 'score_answers', 'score_answer',
-           'resid_pools', 'text_features', 'subsample', 'score_items', 'univariate_auroc', 'Fitted', 'fit_detectors',
-           'compare_detectors', 'format_paired', 'format_report', 'evaluate_truthfulqa', 'save_scores_csv',
-           'plot_calibration']
+__all__ = ['log', 'SPLITS', 'TEXT_FEATURES', 'DETECTORS', 'PAIRS', 'TRACK_THRESHOLDS', 'SPARSE_K', 'SAE_POOLS',
+           'univariate_auroc', 'auroc', 'split_by_question', 'bootstrap_auroc', 'paired_bootstrap', 'Logistic',
+           'fit_on_val', 'truthfulqa_items', 'qa_prompt', 'common_prefix', 'encode_prefix', 'shared_prefix',
+           'score_answers', 'score_answer', 'resid_pools', 'text_features', 'subsample', 'score_items', 'Fitted',
+           'fit_detectors', 'compare_detectors', 'format_paired', 'format_report', 'evaluate_truthfulqa',
+           'save_scores_csv', 'plot_calibration']
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #c037e28a
+def univariate_auroc(X_NF, y_N) -> np.ndarray:
+    "AUROC of every column of `X_NF` alone as a score for `y_N` (ties count half)."
+    y = np.asarray(y_N).astype(bool)
+    from scipy.stats import rankdata     # here, not at the top: scipy.stats takes a second to import, which every command would pay
+    ranks_NF = rankdata(np.asarray(X_NF), axis=0)                 # average ranks: a tie counts half
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return (ranks_NF[y].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
 def auroc(scores, labels) -> float:
     "Area under the ROC curve of `scores` for binary `labels` (1 = positive); ties count half."
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
     if s.shape != y.shape: raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape; pass one score per label")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if not n_pos or not n_neg: raise ValueError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} negatives")
-    from scipy.stats import rankdata     # here, not at the top: scipy.stats takes a second to import, which every command would pay
-    ranks = rankdata(s)                                           # average ranks: a tie counts half
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(univariate_auroc(s.reshape(-1, 1), y.reshape(-1))[0])
 
 # %% ../../nbs/71_tracking_hallucination.ipynb #38551b59
 SPLITS = ("train", "val", "test")
@@ -277,14 +283,6 @@ def _choose(options, y, idx, l2s=(1e-3, 1e-2, 1e-1, 1.0)) -> tuple:
         m, val = fit_on_val(X_NF[idx["train"]], y[idx["train"]], X_NF[idx["val"]], y[idx["val"]], l2s)
         if best is None or val > best[2]: best = (m, params, val, X_NF)
     return best
-
-def univariate_auroc(X_NF, y_N) -> np.ndarray:
-    "AUROC of every column of `X_NF` alone as a score for `y_N` (ties count half)."
-    y = np.asarray(y_N).astype(bool)
-    from scipy.stats import rankdata
-    ranks_NF = rankdata(np.asarray(X_NF), axis=0)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    return (ranks_NF[y].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 @dataclass
 class Fitted:

@@ -17,7 +17,7 @@ from ..data.corpus import load_truthfulqa
 from ..data.models import check_same_model, load_model, model_name
 from ..dictionaries.sae import SAE, load_sae
 from ..interpret.run import foreign_saes
-from .answers import (answer_and_label, evaluate_own_answers, load_hand_labels,
+from .answers import (MEASURES, answer_and_label, evaluate_own_answers, load_hand_labels,
                                          save_generations_csv)
 from .explain import EXPLAINED, describe, explain_flagged, save_explanations
 from .hallucination import evaluate_truthfulqa, plot_calibration, save_scores_csv, subsample
@@ -53,7 +53,7 @@ class TrackOptions:
     "longest answer generated, in tokens (--own-answers)"
     primer: bool = True
     "prompt the model's answers with the TruthfulQA paper's six-example QA primer (--own-answers)"
-    measure: Literal["bleu", "rouge", "embed"] = "bleu"
+    measure: Literal[MEASURES] = "bleu"
     "similarity that labels an answer true or false: BLEU or ROUGE-L, as in the TruthfulQA paper, or `embed` (all-MiniLM-L6-v2 cosine) (--own-answers)"
     bootstrap: int = 1000
     "bootstrap resamples of test questions for AUROC intervals and paired tests"
