@@ -285,9 +285,9 @@ def train_on_hand(rows: list, arrays: dict, fits: dict, labels: dict, test: tupl
                   train_split=("train", "val"), folds: int = 5, l2s=(1e-2, 1e-1, 1.0)) -> dict:
     """The `HAND_TRAINED` detectors: fitted on the hand labels of `train_split`'s answers (a split or a tuple of splits;
     every choice — block, pooling, L2 — by `cv_auroc` over `folds` folds of its questions), scored on `test`
-    (`(indices, y_N)`, the hand-labelled test
-    rows) with bootstrap intervals and the `HAND_PAIRS` paired tests. `probe_hand` is the residual probe; `tracks+probe_hand`
-    adds `tracker_tuned`'s statistics (its threshold chosen on validation) to it. Empty where too few answers are labelled."""
+    (`(indices, y_N)`, the hand-labelled test rows) with bootstrap intervals and the `HAND_PAIRS` paired tests.
+    `probe_hand` is the residual probe; `tracks+probe_hand` adds `tracker_tuned`'s statistics (its threshold chosen on
+    validation) to it. Empty where too few answers are labelled."""
     vi, vy = _hand_rows(rows, labels, train_split)
     groups = [rows[i]["question"] for i in vi]
     out = {"split": "+".join([train_split] if isinstance(train_split, str) else train_split), "answers": len(vi),
