@@ -127,3 +127,19 @@ def pytest_sessionfinish(session, exitstatus):
         for n, why in bad:
             print(f"  {n}: {why}")
         session.exitstatus = 1
+
+
+# Tests marked `long` (each takes 20 s or more: whole pipelines, kill-and-resume, the peers' bench) run first, so that
+# no long test starts last while the other worker idles. The test command hands out one test at a time
+# (`--maxschedchunk 1`), in this order. Their modules move to the front whole, long tests first within each, so that a
+# worker never comes back to a module it has left and each module's fixtures are made at most once per worker.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: takes 20 s or more; run first so that the workers finish together")
+
+
+def pytest_collection_modifyitems(config, items):
+    def short(item): return item.get_closest_marker("long") is None
+    with_long = {item.module.__name__ for item in items if not short(item)}
+    first = {}
+    for i, item in enumerate(items): first.setdefault(item.module.__name__, i)
+    items.sort(key=lambda item: (item.module.__name__ not in with_long, first[item.module.__name__], short(item)))

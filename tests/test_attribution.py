@@ -88,6 +88,7 @@ def test_ablating_the_top_feature_moves_the_output_as_predicted(lm_run):
     assert rate >= 0.75, res
 
 
+@pytest.mark.long
 def test_attribute_command_on_a_language_model_run(lm_run, capsys):
     run, *_ = lm_run
     # circuit-tracer's pruning ranks all nodes; on this tiny CLT the embeddings' direct paths carry ~90% of the influence,
@@ -324,6 +325,7 @@ def test_attribute_on_a_tsp_pipeline_run(tmp_path):
     assert rm.outputs == ranked[:len(rm.outputs)] and own[rm.outputs].exp().sum() >= 0.95    # its most likely next cities
 
 
+@pytest.mark.long
 def test_mlp_transcoder_set_on_a_llama_is_exact(tmp_path):
     "`clt.pairs=mlpN` transcoders read each MLP's normalised input: the replacement with several of them is still exact."
     from ghosttrack.attribution.replacement import as_dictionary

