@@ -267,17 +267,22 @@ def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTr
     grid = sorted(set(thresholds) | {tracker.threshold})
     trackers = [copy.copy(tracker) for _ in grid]
     for t, th in zip(trackers, grid): t.threshold = th
-    rows, resid, last, sae, stats = [], [], [], [], []
+    if not items: raise ValueError("no answers to score")
+    rows, stats, out = [], [], {}
     prefix = shared_prefix(model, tokenizer, [it.get("prompt") or qa_prompt(it["question"]) for it in items])
     scored = score_answers(model, tokenizer, saes, items, top_k, prefix, batch_size)
-    for it, s in tqdm(zip(items, scored), total=len(items), desc="scoring answers", disable=not progress):
+    for i, (it, s) in enumerate(tqdm(zip(items, scored), total=len(items), desc="scoring answers", disable=not progress)):
         f = s["features"]
         pair_scores = [tracker.scores(a, b) for a, b in zip(f, f[1:])]         # the same at every threshold
         st = [track_statistics(t.track(f, pair_scores)) for t in trackers]
         rows.append({k: v for k, v in it.items() if k != "prompt"} | {"mean_logprob": s["mean_logprob"], "answer_tokens": s["answer_tokens"],
                                                                        **st[grid.index(tracker.threshold)]})
-        resid.append(s["resid_LD"]); last.append(s["resid_last_LD"]); sae.append(s["sae_F"]); stats.append([[d[k] for k in STAT_NAMES] for d in st])
-    return rows, {"resid_NLD": torch.stack(resid), "resid_last_NLD": torch.stack(last), "sae_NF": torch.stack(sae), "sae_pools": SAE_POOLS,
+        stats.append([[d[k] for k in STAT_NAMES] for d in st])
+        for k, name in (("resid_LD", "resid_NLD"), ("resid_last_LD", "resid_last_NLD"), ("sae_F", "sae_NF")):
+            x = s.pop(k)   # copied into one array and dropped, so the pass holds one copy (not a list and its stack)
+            if name not in out: out[name] = torch.empty((len(items), *x.shape), dtype=x.dtype)
+            out[name][i] = x
+    return rows, {**out, "sae_pools": SAE_POOLS,
                   "stats_NGS": np.array(stats), "thresholds": grid,
                   "threshold": tracker.threshold, "sae_layers": sorted(saes)}
 
