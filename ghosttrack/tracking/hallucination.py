@@ -268,9 +268,10 @@ def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTr
     trackers = [copy.copy(tracker) for _ in grid]
     for t, th in zip(trackers, grid): t.threshold = th
     if not items: raise ValueError("no answers to score")
-    rows, stats, out = [], [], {}
+    rows, stats = [], []
     prefix = shared_prefix(model, tokenizer, [it.get("prompt") or qa_prompt(it["question"]) for it in items])
-    scored = score_answers(model, tokenizer, saes, items, top_k, prefix, batch_size)
+    scored = score_answers(model, tokenizer, saes, items, top_k, prefix, batch_size)   # a generator: one answer at a time
+    kinds, out = (("resid_LD", "resid_NLD"), ("resid_last_LD", "resid_last_NLD"), ("sae_F", "sae_NF")), {}
     for i, (it, s) in enumerate(tqdm(zip(items, scored), total=len(items), desc="scoring answers", disable=not progress)):
         f = s["features"]
         pair_scores = [tracker.scores(a, b) for a, b in zip(f, f[1:])]         # the same at every threshold
@@ -278,10 +279,9 @@ def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTr
         rows.append({k: v for k, v in it.items() if k != "prompt"} | {"mean_logprob": s["mean_logprob"], "answer_tokens": s["answer_tokens"],
                                                                        **st[grid.index(tracker.threshold)]})
         stats.append([[d[k] for k in STAT_NAMES] for d in st])
-        for k, name in (("resid_LD", "resid_NLD"), ("resid_last_LD", "resid_last_NLD"), ("sae_F", "sae_NF")):
-            x = s.pop(k)   # copied into one array and dropped, so the pass holds one copy (not a list and its stack)
-            if name not in out: out[name] = torch.empty((len(items), *x.shape), dtype=x.dtype)
-            out[name][i] = x
+        for k, name in kinds:   # copied into one array as they come: the pass holds one copy, not a list and its stack
+            if name not in out: out[name] = torch.empty((len(items), *s[k].shape), dtype=s[k].dtype)
+            out[name][i] = s.pop(k)
     return rows, {**out, "sae_pools": SAE_POOLS,
                   "stats_NGS": np.array(stats), "thresholds": grid,
                   "threshold": tracker.threshold, "sae_layers": sorted(saes)}
