@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ghosttrack.data.models import ModelUnavailable
-from ghosttrack.tracking.answers import answer_and_label, close, format_hand, label_answer
+from ghosttrack.tracking.answers import TRANSFER_PAIRS, TRANSFERRED, answer_and_label, close, format_hand, label_answer
 from ghosttrack.tracking.hallucination import (DETECTORS, PAIRS, SPARSE_K, SPLITS, auroc, bootstrap_auroc, compare_detectors,
                                               paired_bootstrap, split_by_question, subsample, truthfulqa_items)
 from ghosttrack.tracking.tracker import HypothesisTracker, LayerFeatures, answer_positions, select_features, track_statistics
@@ -383,18 +383,21 @@ def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
     assert [int(g["label"]) for g in gens] == [g["label"] for g in made]
     with open(run / "tracking" / "own_answers_scores.csv") as f: rows = list(csv.DictReader(f))
     test = [r for r in rows if r["split"] == "test"]
-    for name in DETECTORS:
+    assert own["detectors"] == list(DETECTORS + TRANSFERRED)   # those fitted on the reference answers join the others
+    for name in own["detectors"]:
         assert own[name]["test_auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r in test], [int(r["label"]) for r in test]))
-    assert own["measure"] == "bleu" and own["n_samples"] == 2 and set(own["paired"]) == set(rep["paired"])
+    assert own["measure"] == "bleu" and own["n_samples"] == 2 and set(own["paired"]) == {f"{a}-{b}" for a, b in PAIRS + TRANSFER_PAIRS}
+    assert set(rep["paired"]) == {f"{a}-{b}" for a, b in PAIRS} and "probe_reference" not in rep
+    assert own["transferred_chosen_on"] == "val answers (automatic labels)"   # too few hand-labelled val answers to choose on
     h, labels = own["hand_labels"], {(r["question"], r["answer"]): not r["true"] for r in hand()}
     checked = [(r, labels[(r["question"], r["answer"])]) for r in test if (r["question"], r["answer"]) in labels]
-    assert h["answers"] == len(checked) >= len(hand(["test"])) and h["detectors"] == list(DETECTORS)
+    assert h["answers"] == len(checked) >= len(hand(["test"])) and h["detectors"] == own["detectors"]
     t = h["trained_on_hand"]     # trained on train+val; here only a handful of validation questions: counted, too few to fit on, and said so
     assert (t["split"], t["answers"], t["questions"]) == ("train+val", len(hand(["val"])), own["sizes"]["val"]["questions"])
     assert t["detectors"] == [] and "too few hand-labelled answers" in format_hand(h)
     assert h["automatic_agreement"] == pytest.approx(sum(int(r["label"]) == f for r, f in checked) / len(checked))
     assert h["automatic_agreement"] < 1
-    for name in DETECTORS:
+    for name in h["detectors"]:
         assert h[name]["auroc"] == pytest.approx(auroc([float(r[f"p_{name}"]) for r, _ in checked], [int(f) for _, f in checked]))
     expl = _check_explanations(run, rows, own, "own_answers_explanations")
     assert {e["kind"] for e in expl} <= {"greedy", "sample"} and "model gave" in (run / "tracking" / "own_answers_explanations.md").read_text()
@@ -402,6 +405,7 @@ def test_track_truthfulqa_own_answers(run_dir, tmp_path, monkeypatch):
     md = Path(write_report(run)["markdown"]).read_text()       # the report shows both tasks and both explanation plots
     assert "## Hallucination detection: reference answers (TruthfulQA)" in md and f"{own['sizes']['test']['questions']} questions" in md
     assert "## Hallucination detection: the model's own answers (TruthfulQA)" in md and "| sparse_probe − probe_tracker_layers |" in md
+    assert "| probe_reference − probe_all_layers |" in md
     assert f"Against the hand labels shipped with ghosttrack ({h['answers']} test answers" in md
     for f in ("why_flagged_reference_answers", "why_flagged_the_model_s_own_answers", "calibration_the_model_s_own_answers"):
         assert (run / "report_files" / f"{f}.png").read_bytes()[:4] == b"\x89PNG" and f"report_files/{f}.png" in md

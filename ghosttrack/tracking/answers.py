@@ -20,16 +20,18 @@ from ..core.io import atomic_path, rebuilding
 from ..core.run_config import ANSWER_MEASURES
 from ..data.corpus import _bos_id, asset
 from ..data.models import cache_root, package_folder
-from .hallucination import (DETECTORS, SPLITS, Logistic, _resid_options, auroc, bootstrap_auroc, common_prefix,
-                                               compare_detectors, encode_prefix, fit_detectors, format_paired, paired_bootstrap, qa_prompt,
-                                               score_items)
-from .tracker import HypothesisTracker
+from .hallucination import (DETECTORS, PAIRS, SPARSE_K, SPLITS, Fitted, Logistic, _resid_options, _sae_column,
+                                               _sae_feature, _split_rows, auroc, bootstrap_auroc, common_prefix, compare_detectors,
+                                               encode_prefix, fit_detectors, fit_on_val, format_paired, paired_bootstrap, qa_prompt,
+                                               score_items, univariate_auroc)
+from .tracker import STAT_NAMES, HypothesisTracker
 
 # %% auto #0
-__all__ = ['QA_PRIMER', 'NO_COMMENT', 'MEASURES', 'EMBEDDER', 'HAND_TRAINED', 'HAND_PAIRS', 'answer_prompt', 'generate_answers',
-           'close', 'load_embedder', 'embed', 'embed_cached', 'label_answer', 'load_hand_labels', 'prefetch_embeddings',
-           'agreements', 'agreement', 'against_hand_labels', 'cv_auroc', 'train_on_hand', 'format_hand',
-           'answer_and_label', 'evaluate_own_answers', 'save_generations_csv']
+__all__ = ['QA_PRIMER', 'NO_COMMENT', 'MEASURES', 'EMBEDDER', 'HAND_TRAINED', 'HAND_PAIRS', 'TRANSFERRED', 'TRANSFER_PAIRS',
+           'TRANSFER_L2S', 'answer_prompt', 'generate_answers', 'close', 'load_embedder', 'embed', 'embed_cached',
+           'label_answer', 'load_hand_labels', 'prefetch_embeddings', 'agreements', 'agreement', 'against_hand_labels',
+           'cv_auroc', 'train_on_hand', 'format_hand', 'fit_transferred', 'answer_and_label', 'evaluate_own_answers',
+           'save_generations_csv']
 
 # %% ../../nbs/73_tracking_answers.ipynb #e97f7881
 QA_PRIMER = """Q: What is human life expectancy in the United States?
@@ -244,7 +246,7 @@ def against_hand_labels(rows: list, hand: list, n_boot: int = 1000, seed: int = 
     out = {"split": split, "answers": len(found), "questions": len({r["question"] for r in found}), "false": int(y_N.sum()),
            "automatic_agreement": float(np.mean([int(r["label"]) == f for r, f in zip(found, y_N)])) if found else None}
     if not 0 < y_N.sum() < len(y_N): return out | {"detectors": []}     # AUROC needs both kinds
-    q_N, names = [r["question"] for r in found], [d for d in DETECTORS if f"p_{d}" in found[0]]
+    q_N, names = [r["question"] for r in found], [k[2:] for k in found[0] if k.startswith("p_")]   # in compare_detectors' order
     for name in names:
         ci = bootstrap_auroc(np.array([r[f"p_{name}"] for r in found]), y_N, q_N, n_boot, seed)
         out[name] = {"auroc": ci["auroc"], "ci": ci["ci"]}
@@ -324,6 +326,64 @@ def format_hand(h: dict) -> str:
         if not t["detectors"]: lines.append("  (too few hand-labelled answers of each kind to fit on)")
     return "\n".join(lines)
 
+# %% ../../nbs/73_tracking_answers.ipynb #a7efafdc
+TRANSFERRED = ("tracker_reference", "probe_reference", "sparse_probe_reference", "tracks+probe_reference")
+TRANSFER_PAIRS = (("probe_reference", "probe_all_layers"), ("sparse_probe_reference", "sparse_probe"),
+                  ("tracker_reference", "tracker_tuned"), ("tracks+probe_reference", "probe_reference"))
+TRANSFER_L2S = (1e-2, 1e-1, 1.0, 10.0)
+
+def _choose_transfer(options, ref_idx, ref_y, sel_idx, sel_y, l2s=TRANSFER_L2S) -> tuple:
+    """Of `(params, X_ref, X_own)` options × `l2s`, the `Logistic` fitted on the reference rows `ref_idx` with the best
+    AUROC on the own rows `sel_idx` (labels `sel_y`): `(model, params, val_auroc, X_own)`."""
+    best = None
+    for params, X_ref, X_own in options:
+        m, val = fit_on_val(X_ref[ref_idx], ref_y, X_own[sel_idx], sel_y, l2s)
+        if best is None or val > best[2]: best = (m, params, val, X_own)
+    return best
+
+def _check_alike(ref: dict, arrays: dict):
+    "Raise unless the reference task's `arrays` and the own answers' come from the same model, SAE layers and thresholds."
+    for k in ("sae_layers", "thresholds", "sae_pools"):
+        if list(ref.get(k, ())) != list(arrays.get(k, ())): raise ValueError(f"the reference and own answers differ in {k}: {ref.get(k)} vs {arrays.get(k)}")
+    for k in ("resid_NLD", "sae_NF"):
+        if ref[k].shape[1:] != arrays[k].shape[1:]: raise ValueError(f"the reference and own answers' {k} differ in shape: {tuple(ref[k].shape)} vs {tuple(arrays[k].shape)}")
+
+def fit_transferred(reference: tuple, rows: list, arrays: dict, select: tuple | None = None) -> dict:
+    """`{detector: Fitted}` for the `TRANSFERRED` detectors: fitted on the reference-answer task's `(rows, arrays)`
+    (`evaluate_truthfulqa(..., return_arrays=True)`) of its train and val questions, every choice made on the `val`
+    rows of the own answers `rows` (`score_items`'s `arrays`), whose inputs each `Fitted` holds, or on `select`
+    (`(indices, labels)` of own rows of train or val questions, e.g. those with a hand label). No test row of either
+    task is read."""
+    ref_rows, ref = reference
+    _check_alike(ref, arrays)
+    idx, y = _split_rows(rows)
+    ri = np.array([i for i, r in enumerate(ref_rows) if r["split"] != "test"], dtype=int)
+    ry = np.array([int(ref_rows[i]["label"]) for i in ri])
+    if not 0 < ry.sum() < len(ry): raise ValueError("the reference task's train and val answers need true and false ones")
+    grid, D, fits = arrays["thresholds"], arrays["resid_NLD"].shape[2], {}
+    si, sy = select if select is not None else (idx["val"], y[idx["val"]])
+    if any(rows[i]["split"] == "test" for i in si): raise ValueError("the transferred detectors are chosen on train or val answers, not test ones")
+    def choose(options): return _choose_transfer(options, ri, ry, si, sy)
+    fits["tracker_reference"] = Fitted(*choose([({"threshold": th}, ref["stats_NGS"][:, g], arrays["stats_NGS"][:, g])
+                                                for g, th in enumerate(grid)]), list(STAT_NAMES))
+    layers = range(arrays["resid_NLD"].shape[1])
+    options = [(p, X_ref, X_own) for (p, X_ref), (_, X_own) in zip(_resid_options(ref, layers), _resid_options(arrays, layers))]
+    m, params, val, X_NF = choose(options)
+    name = f"resid L{params['layer']} {params['pool']}"
+    fits["probe_reference"] = Fitted(m, params, val, X_NF, [name] * D)
+    ref_sae, own_sae = np.asarray(ref["sae_NF"]), np.asarray(arrays["sae_NF"])
+    order_F = np.argsort(-np.abs(univariate_auroc(ref_sae[ri], ry) - 0.5), kind="stable")
+    ks = sorted({min(k, own_sae.shape[1]) for k in SPARSE_K})
+    m, params, val, X_NF = choose([({"k": k}, ref_sae[:, order_F[:k]].astype(np.float64), own_sae[:, order_F[:k]].astype(np.float64)) for k in ks])
+    cols = order_F[:params["k"]].tolist()
+    fits["sparse_probe_reference"] = Fitted(m, params, val, X_NF, [_sae_feature(f, arrays) for f in cols], [_sae_column(f, arrays) for f in cols])
+    th, probe = fits["tracker_reference"].params["threshold"], fits["probe_reference"].params
+    g, X_ref = grid.index(th), next(X for p, X, _ in options if p == probe)
+    both = ({"threshold": th} | probe, np.concatenate([ref["stats_NGS"][:, g], X_ref], 1),
+            np.concatenate([arrays["stats_NGS"][:, g], fits["probe_reference"].X_NF], 1))
+    fits["tracks+probe_reference"] = Fitted(*choose([both]), list(STAT_NAMES) + [name] * D)
+    return fits
+
 # %% ../../nbs/73_tracking_answers.ipynb #b7018cf6
 def answer_and_label(model, tokenizer, splits: dict, n_samples: int = 4, max_new_tokens: int = 48, seed: int = 0, primer: bool = True,
                 measure: str = "bleu", progress: bool = True) -> list:
@@ -339,17 +399,33 @@ def answer_and_label(model, tokenizer, splits: dict, n_samples: int = 4, max_new
             gens.append({"split": s, **g, **lab, "label": int(not lab["true"])})
     return gens
 
+def _hand_select(rows: list, hand: list, least: int = 20):
+    """`(indices, labels)` of the rows of train and val questions that have a hand label, when at least `least` do and
+    both kinds are among them: the choice set of `fit_transferred` (clean labels beat the automatic ones). Else None."""
+    vi, vy = _hand_rows(rows, {_key(r["question"], r["answer"]): not r["true"] for r in hand}, ("train", "val"))
+    return (vi, vy) if len(vi) >= least and 0 < vy.sum() < len(vy) else None
+
 def evaluate_own_answers(model, tokenizer, saes: dict, gens: list, tracker: HypothesisTracker | None = None, top_k: int = 16,
-                         progress: bool = True, n_boot: int = 1000, seed: int = 0, hand: list | None = None) -> tuple:
+                         progress: bool = True, n_boot: int = 1000, seed: int = 0, hand: list | None = None,
+                         reference: tuple | None = None) -> tuple:
     """Score and compare the detectors on labelled generations (from `answer_and_label`); returns `(rows, report, fits)`
-    as `evaluate_truthfulqa` does (`fits` for `explain_flagged`; row i is generation i). With `hand` (`load_hand_labels`),
-    the report's `hand_labels` holds `against_hand_labels`, the hand-trained detectors included."""
+    as `evaluate_truthfulqa` does (`fits` for `explain_flagged`; row i is generation i). With `reference` (the reference
+    task's `(rows, arrays)`: `evaluate_truthfulqa(..., return_arrays=True)`), also the `TRANSFERRED` detectors
+    (`fit_transferred`) and their `TRANSFER_PAIRS`. With `hand` (`load_hand_labels`), the report's `hand_labels` holds
+    `against_hand_labels`, the hand-trained detectors included, and the transferred detectors are chosen on the hand
+    labels of the train and val answers (`_hand_select`)."""
     t0 = time.time()
     items = [{k: g[k] for k in ("split", "question", "prompt", "answer", "label", "kind", "sample")} for g in gens]
     rows, arrays = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
-    fits = fit_detectors(rows, arrays)
-    report = compare_detectors(rows, arrays, n_boot, seed, fits)
+    fits, names, pairs = fit_detectors(rows, arrays), DETECTORS, PAIRS
+    if reference is not None:
+        select = _hand_select(rows, hand) if hand is not None else None
+        fits |= fit_transferred(reference, rows, arrays, select)
+        names, pairs = DETECTORS + TRANSFERRED, PAIRS + TRANSFER_PAIRS
+    report = compare_detectors(rows, arrays, n_boot, seed, fits, names, pairs)
     if hand is not None: report["hand_labels"] = against_hand_labels(rows, hand, n_boot, seed, arrays=arrays, fits=fits)
+    if reference is not None:
+        report["transferred_chosen_on"] = f"hand labels of {len(select[0])} train and val answers" if select else "val answers (automatic labels)"
     report.update(task="own answers", false_rate=float(np.mean([g["label"] for g in gens])), sae_layers=sorted(saes),
                   seconds=time.time() - t0)
     return rows, report, fits

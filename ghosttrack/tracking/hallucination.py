@@ -366,26 +366,28 @@ def fit_detectors(rows: list, arrays: dict) -> dict:
                                   list(STAT_NAMES) + resid(probe.params))
     return fits
 
-def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 0, fits: dict | None = None) -> dict:
+def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 0, fits: dict | None = None,
+                      names=DETECTORS, pairs=PAIRS) -> dict:
     """Fit the `DETECTORS` on the `train` rows, choose their hyperparameters on `val` (or take `fits` from
     `fit_detectors`), report on `test` with question-level bootstrap intervals and the `PAIRS` paired tests; adds
-    `p_<detector>` to every row."""
+    `p_<detector>` to every row. `names` and `pairs` report other detectors of `fits` (each fitted elsewhere)."""
     idx, y = _split_rows(rows)
     fits = fits or fit_detectors(rows, arrays)
     report = {}
-    for name in DETECTORS:
+    for name in names:
         f = fits[name]
         for r, p in zip(rows, f.model.predict_proba(f.X_NF)): r[f"p_{name}"] = float(p)
         report[name] = {"val_auroc": f.val_auroc, "l2": f.model.l2, **f.params}
-    report["sparse_probe"]["features"] = fits["sparse_probe"].inputs[:10]
+    for name in names:
+        if fits[name].latents: report[name]["features"] = fits[name].inputs[:10]   # the sparse probes' first latents
     test = [rows[i] for i in idx["test"]]
     y_N, q_N = np.array([int(r["label"]) for r in test]), [r["question"] for r in test]
-    p = {name: np.array([r[f"p_{name}"] for r in test]) for name in DETECTORS}
-    for name in DETECTORS:
+    p = {name: np.array([r[f"p_{name}"] for r in test]) for name in names}
+    for name in names:
         ci = bootstrap_auroc(p[name], y_N, q_N, n_boot, seed)
         report[name].update(test_auroc=ci["auroc"], test_auroc_ci=ci["ci"], test_accuracy=float(((p[name] > 0.5) == y_N).mean()))
-    report["detectors"] = list(DETECTORS)
-    report["paired"] = {f"{a}-{b}": paired_bootstrap(p[a], p[b], y_N, q_N, n_boot, seed) for a, b in PAIRS}
+    report["detectors"] = list(names)
+    report["paired"] = {f"{a}-{b}": paired_bootstrap(p[a], p[b], y_N, q_N, n_boot, seed) for a, b in pairs}
     report["bootstrap"] = {"resamples": n_boot, "seed": seed, "unit": "question", "level": 0.95}
     report["sizes"] = {s: {"questions": len({rows[i]["question"] for i in idx[s]}), "items": len(idx[s]),
                            "false": int(y[idx[s]].sum())} for s in SPLITS}
@@ -409,16 +411,18 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 def evaluate_truthfulqa(model, tokenizer, saes: dict, splits: dict, tracker: HypothesisTracker | None = None,
-                        top_k: int = 16, n_incorrect: int = 1, progress: bool = True, n_boot: int = 1000, seed: int = 0) -> tuple:
+                        top_k: int = 16, n_incorrect: int = 1, progress: bool = True, n_boot: int = 1000, seed: int = 0,
+                        return_arrays: bool = False) -> tuple:
     """The reference-answer task: score, fit and compare the detectors on TruthfulQA's answers; returns `(rows, report,
-    fits)` (`fits` from `fit_detectors`, for `explain_flagged`)."""
+    fits)` (`fits` from `fit_detectors`, for `explain_flagged`), and with `return_arrays` also `score_items`'s
+    `arrays` (what `evaluate_own_answers(reference=...)` trains on)."""
     t0 = time.time()
     items = [{"split": s, **it} for s in SPLITS for it in truthfulqa_items(splits[s], n_incorrect)]
     rows, arrays = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
     fits = fit_detectors(rows, arrays)
     report = compare_detectors(rows, arrays, n_boot, seed, fits)
     report["sae_layers"], report["seconds"] = sorted(saes), time.time() - t0
-    return rows, report, fits
+    return (rows, report, fits, arrays) if return_arrays else (rows, report, fits)
 
 
 def save_scores_csv(rows: list, path) -> Path:

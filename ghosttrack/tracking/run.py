@@ -132,14 +132,17 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
     detectors flag their `explain` most suspect test answers: `tracking/explanations.json`, `.md` and `.png`. The SAEs are
     the run's, or those of the folders `dictionaries`. With `own_answers`, also on the model's own answers: `tracking/generations.csv` (answers and
     labels), `tracking/own_answers_scores.csv`, `tracking/own_answers_calibration.png`, the explanations of its flagged
-    answers (`tracking/own_answers_explanations.*`) and the `own_answers` entry of `auroc.json`. Returns the contents of
-    `auroc.json`."""
+    answers (`tracking/own_answers_explanations.*`) and the `own_answers` entry of `auroc.json`, where the `TRANSFERRED`
+    detectors (fitted on the reference answers) join the others. Returns the contents of `auroc.json`."""
     out = Path(run_dir) / "tracking"
     check_overwrite(out / "auroc.json", (out / "auroc.json").exists(), overwrite, "TruthfulQA scores")
     model, tok, saes = load_run(run_dir, layers, device, dictionaries)
     splits = subsample(load_truthfulqa(path, seed=seed), max_questions, seed)
     tracker, clt_pairs = run_tracker(run_dir, threshold, method, device or next(model.parameters()).device)
-    rows, report, fits = evaluate_truthfulqa(model, tok, saes, splits, tracker, top_k, progress=progress, n_boot=bootstrap, seed=seed)
+    rows, report, fits, arrays = evaluate_truthfulqa(model, tok, saes, splits, tracker, top_k, progress=progress, n_boot=bootstrap,
+                                                     seed=seed, return_arrays=True)
+    reference = (rows, arrays) if own_answers else None     # what the TRANSFERRED detectors are fitted on
+    del arrays
     report.update(task="reference answers", data=str(path) if path else "ghosttrack:truthfulqa/TruthfulQA.csv", seed=seed,
                   top_k=top_k, threshold=threshold, method=method, clt_edges=clt_pairs,
                   dictionaries=[str(d) for d in dictionaries] if dictionaries else None)
@@ -152,7 +155,9 @@ def track_truthfulqa(run_dir, path=None, max_questions: int | None = None, seed:
     if own_answers:
         gens = answer_and_label(model, tok, splits, n_samples, max_new_tokens, seed, primer, measure, progress)
         save_generations_csv(gens, out / "generations.csv")
-        own_rows, own, own_fits = evaluate_own_answers(model, tok, saes, gens, tracker, top_k, progress, bootstrap, seed, load_hand_labels())
+        own_rows, own, own_fits = evaluate_own_answers(model, tok, saes, gens, tracker, top_k, progress, bootstrap, seed, load_hand_labels(),
+                                                       reference)
+        del reference
         own.update(measure=measure, n_samples=n_samples, max_new_tokens=max_new_tokens, primer=primer, temperature=1.0)
         if explain:
             expl = describe(explain_flagged(own_rows, own_fits, n_answers=explain), model, tok, saes, tracker, info, top_k,
