@@ -328,7 +328,6 @@ def test_attribute_on_a_tsp_pipeline_run(tmp_path):
 @pytest.mark.long
 def test_mlp_transcoder_set_on_a_llama_is_exact(tmp_path):
     "`clt.pairs=mlpN` transcoders read each MLP's normalised input: the replacement with several of them is still exact."
-    from ghosttrack.attribution.replacement import as_dictionary
     from ghosttrack.data.models import ModelUnavailable
     from ghosttrack.dictionaries.clt import load_clt
     from ghosttrack.pipeline.stages import stage_job

@@ -1,7 +1,6 @@
 """Feature interpretation end to end: `ghosttrack interpret` on a tiny run folder, and the dashboard in a real headless browser."""
 import argparse
 import html
-import os
 import re
 import shutil
 import subprocess

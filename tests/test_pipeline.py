@@ -124,5 +124,5 @@ def test_bad_inputs_get_clear_errors_and_keep_artifacts(tiny_model_dir, wikitext
     shard.write_bytes(b"\0" * 100)
     one_clear_line("train", "--run-dir", tmp_path / "other", "--cache-dir", run / "activations", "--layers", "0", ("shard-00000.safetensors", "sha256",))
     # --overwrite really rebuilds
-    r = ghosttrack(*base, "--layers", "0", "--num-tokens", 7000, "--context-len", 64, "--epochs", 1, "--overwrite", *TRAIN)
+    ghosttrack(*base, "--layers", "0", "--num-tokens", 7000, "--context-len", 64, "--epochs", 1, "--overwrite", *TRAIN)
     assert load_json(run / "activations" / LAYERS[0] / "manifest.json")["num_tokens"] == 7000

@@ -168,7 +168,7 @@ def test_a_read_only_run_folder_gets_one_line(finished, tmp_path):
     else:
         if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
             pytest.skip("no way to make a folder read-only for root here (no unshare -m)")
-        argv = ["unshare", "-m", "sh", "-c", f'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"', str(run), *argv]
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"', str(run), *argv]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("ghosttrack")]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]

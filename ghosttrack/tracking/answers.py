@@ -20,10 +20,10 @@ from ..core.io import atomic_path, rebuilding
 from ..core.run_config import ANSWER_MEASURES
 from ..data.corpus import _bos_id, asset
 from ..data.models import cache_root, package_folder
-from .hallucination import (DETECTORS, PAIRS, SPARSE_K, SPLITS, Fitted, Logistic, _resid_options, _sae_column,
-                                               _sae_feature, _split_rows, auroc, bootstrap_auroc, common_prefix, compare_detectors,
-                                               encode_prefix, fit_detectors, fit_on_val, format_paired, paired_bootstrap, qa_prompt,
-                                               score_items, univariate_auroc)
+from .hallucination import (DETECTORS, PAIRS, SPLITS, Fitted, Logistic, _best, _rank_latents, _resid_inputs,
+                                               _resid_options, _sparse_fitted, _split_rows, _top_latents, auroc, bootstrap_auroc,
+                                               common_prefix, compare_detectors, encode_prefix, fit_detectors, format_paired,
+                                               paired_bootstrap, qa_prompt, score_items)
 from .tracker import STAT_NAMES, HypothesisTracker
 
 # %% auto #0
@@ -228,6 +228,10 @@ def agreement(rows: list, examples, measure: str = "bleu") -> float:
 # %% ../../nbs/73_tracking_answers.ipynb #45c65381
 def _key(question: str, answer: str) -> tuple: return question.strip(), " ".join(answer.split())
 
+def _hand_map(hand: list) -> dict:
+    "`{(question, answer): is false}` of hand-labelled answers (`load_hand_labels`), keyed as `_key` normalises them."
+    return {_key(r["question"], r["answer"]): not r["true"] for r in hand}
+
 def _hand_rows(rows: list, labels: dict, split) -> tuple:
     """`(indices, y_N)`: the rows of `split` (one split's name, or a tuple of them) whose question and answer have a hand
     label (1 = false), and those labels."""
@@ -240,7 +244,7 @@ def against_hand_labels(rows: list, hand: list, n_boot: int = 1000, seed: int = 
     """The detectors' AUROC (question-level bootstrap interval) against the *hand* labels, on the `split` rows of
     `compare_detectors` whose question and answer have one, and how often the automatic label agrees there. With
     `score_items`'s `arrays` and `fit_detectors`'s `fits`, also the `HAND_TRAINED` detectors (`train_on_hand`)."""
-    labels = {_key(r["question"], r["answer"]): not r["true"] for r in hand}
+    labels = _hand_map(hand)
     idx, y_N = _hand_rows(rows, labels, split)
     found = [rows[i] for i in idx]
     out = {"split": split, "answers": len(found), "questions": len({r["question"] for r in found}), "false": int(y_N.sum()),
@@ -255,7 +259,8 @@ def against_hand_labels(rows: list, hand: list, n_boot: int = 1000, seed: int = 
     return out | {"detectors": names}
 
 HAND_TRAINED = ("probe_hand", "tracks+probe_hand")
-HAND_PAIRS = (("probe_hand", "probe_all_layers"), ("tracks+probe_hand", "probe_hand"))
+HAND_PAIRS = (("probe_hand", "probe_all_layers"), ("tracks+probe_hand", "probe_hand"),
+              ("probe_reference", "probe_hand"), ("tracks+probe_reference", "probe_reference"))
 
 def _fold_of(groups: list, folds: int, seed: int) -> np.ndarray:
     "A fold number per row, whole questions (`groups`) to a fold, by a seeded shuffle."
@@ -287,7 +292,8 @@ def train_on_hand(rows: list, arrays: dict, fits: dict, labels: dict, test: tupl
                   train_split=("train", "val"), folds: int = 5, l2s=(1e-2, 1e-1, 1.0)) -> dict:
     """The `HAND_TRAINED` detectors: fitted on the hand labels of `train_split`'s answers (a split or a tuple of splits;
     every choice — block, pooling, L2 — by `cv_auroc` over `folds` folds of its questions), scored on `test`
-    (`(indices, y_N)`, the hand-labelled test rows) with bootstrap intervals and the `HAND_PAIRS` paired tests.
+    (`(indices, y_N)`, the hand-labelled test rows) with bootstrap intervals and the `HAND_PAIRS` paired tests (those
+    whose detectors both have scores: the `TRANSFERRED` ones where `rows` have their `p_` columns).
     `probe_hand` is the residual probe; `tracks+probe_hand` adds `tracker_tuned`'s statistics (its threshold chosen on
     validation) to it. Empty where too few answers are labelled."""
     vi, vy = _hand_rows(rows, labels, train_split)
@@ -304,8 +310,9 @@ def train_on_hand(rows: list, arrays: dict, fits: dict, labels: dict, test: tupl
     for name, (m, params, cv, X_NF) in models.items():
         p[name] = m.predict_proba(X_NF[ti])
         out[name] = {"cv_auroc": cv, "l2": m.l2, **params, **bootstrap_auroc(p[name], ty, q_N, n_boot, seed)}
-    p["probe_all_layers"] = np.array([rows[i]["p_probe_all_layers"] for i in ti])
-    out["paired"] = {f"{a}-{b}": paired_bootstrap(p[a], p[b], ty, q_N, n_boot, seed) for a, b in HAND_PAIRS}
+    for name in {n for pair in HAND_PAIRS for n in pair} - set(p):      # detectors of `compare_detectors`, where the rows have them
+        if f"p_{name}" in rows[0]: p[name] = np.array([rows[i][f"p_{name}"] for i in ti])
+    out["paired"] = {f"{a}-{b}": paired_bootstrap(p[a], p[b], ty, q_N, n_boot, seed) for a, b in HAND_PAIRS if a in p and b in p}
     return out | {"detectors": list(HAND_TRAINED)}
 
 def format_hand(h: dict) -> str:
@@ -332,15 +339,6 @@ TRANSFER_PAIRS = (("probe_reference", "probe_all_layers"), ("sparse_probe_refere
                   ("tracker_reference", "tracker_tuned"), ("tracks+probe_reference", "probe_reference"))
 TRANSFER_L2S = (1e-2, 1e-1, 1.0, 10.0)
 
-def _choose_transfer(options, ref_idx, ref_y, sel_idx, sel_y, l2s=TRANSFER_L2S) -> tuple:
-    """Of `(params, X_ref, X_own)` options × `l2s`, the `Logistic` fitted on the reference rows `ref_idx` with the best
-    AUROC on the own rows `sel_idx` (labels `sel_y`): `(model, params, val_auroc, X_own)`."""
-    best = None
-    for params, X_ref, X_own in options:
-        m, val = fit_on_val(X_ref[ref_idx], ref_y, X_own[sel_idx], sel_y, l2s)
-        if best is None or val > best[2]: best = (m, params, val, X_own)
-    return best
-
 def _check_alike(ref: dict, arrays: dict):
     "Raise unless the reference task's `arrays` and the own answers' come from the same model, SAE layers and thresholds."
     for k in ("sae_layers", "thresholds", "sae_pools"):
@@ -363,25 +361,23 @@ def fit_transferred(reference: tuple, rows: list, arrays: dict, select: tuple | 
     grid, D, fits = arrays["thresholds"], arrays["resid_NLD"].shape[2], {}
     si, sy = select if select is not None else (idx["val"], y[idx["val"]])
     if any(rows[i]["split"] == "test" for i in si): raise ValueError("the transferred detectors are chosen on train or val answers, not test ones")
-    def choose(options): return _choose_transfer(options, ri, ry, si, sy)
+    def choose(options):     # (params, X_ref, X_own) options: fitted on the reference rows, chosen on the own ones
+        return _best(((p, (X_ref[ri], ry), (X_own[si], sy), X_own) for p, X_ref, X_own in options), TRANSFER_L2S)
     fits["tracker_reference"] = Fitted(*choose([({"threshold": th}, ref["stats_NGS"][:, g], arrays["stats_NGS"][:, g])
                                                 for g, th in enumerate(grid)]), list(STAT_NAMES))
     layers = range(arrays["resid_NLD"].shape[1])
     options = [(p, X_ref, X_own) for (p, X_ref), (_, X_own) in zip(_resid_options(ref, layers), _resid_options(arrays, layers))]
     m, params, val, X_NF = choose(options)
-    name = f"resid L{params['layer']} {params['pool']}"
-    fits["probe_reference"] = Fitted(m, params, val, X_NF, [name] * D)
+    fits["probe_reference"] = Fitted(m, params, val, X_NF, _resid_inputs(params, D))
     ref_sae, own_sae = np.asarray(ref["sae_NF"]), np.asarray(arrays["sae_NF"])
-    order_F = np.argsort(-np.abs(univariate_auroc(ref_sae[ri], ry) - 0.5), kind="stable")
-    ks = sorted({min(k, own_sae.shape[1]) for k in SPARSE_K})
-    m, params, val, X_NF = choose([({"k": k}, ref_sae[:, order_F[:k]].astype(np.float64), own_sae[:, order_F[:k]].astype(np.float64)) for k in ks])
-    cols = order_F[:params["k"]].tolist()
-    fits["sparse_probe_reference"] = Fitted(m, params, val, X_NF, [_sae_feature(f, arrays) for f in cols], [_sae_column(f, arrays) for f in cols])
+    order_F, ks = _rank_latents(ref_sae[ri], ry)
+    fits["sparse_probe_reference"] = _sparse_fitted(choose([({"k": k}, _top_latents(ref_sae, order_F, k), _top_latents(own_sae, order_F, k))
+                                                            for k in ks]), order_F, arrays)
     th, probe = fits["tracker_reference"].params["threshold"], fits["probe_reference"].params
     g, X_ref = grid.index(th), next(X for p, X, _ in options if p == probe)
     both = ({"threshold": th} | probe, np.concatenate([ref["stats_NGS"][:, g], X_ref], 1),
             np.concatenate([arrays["stats_NGS"][:, g], fits["probe_reference"].X_NF], 1))
-    fits["tracks+probe_reference"] = Fitted(*choose([both]), list(STAT_NAMES) + [name] * D)
+    fits["tracks+probe_reference"] = Fitted(*choose([both]), list(STAT_NAMES) + _resid_inputs(probe, D))
     return fits
 
 # %% ../../nbs/73_tracking_answers.ipynb #b7018cf6
@@ -402,7 +398,7 @@ def answer_and_label(model, tokenizer, splits: dict, n_samples: int = 4, max_new
 def _hand_select(rows: list, hand: list, least: int = 20):
     """`(indices, labels)` of the rows of train and val questions that have a hand label, when at least `least` do and
     both kinds are among them: the choice set of `fit_transferred` (clean labels beat the automatic ones). Else None."""
-    vi, vy = _hand_rows(rows, {_key(r["question"], r["answer"]): not r["true"] for r in hand}, ("train", "val"))
+    vi, vy = _hand_rows(rows, _hand_map(hand), ("train", "val"))
     return (vi, vy) if len(vi) >= least and 0 < vy.sum() < len(vy) else None
 
 def evaluate_own_answers(model, tokenizer, saes: dict, gens: list, tracker: HypothesisTracker | None = None, top_k: int = 16,
@@ -418,14 +414,14 @@ def evaluate_own_answers(model, tokenizer, saes: dict, gens: list, tracker: Hypo
     items = [{k: g[k] for k in ("split", "question", "prompt", "answer", "label", "kind", "sample")} for g in gens]
     rows, arrays = score_items(model, tokenizer, saes, items, tracker, top_k, progress)
     fits, names, pairs = fit_detectors(rows, arrays), DETECTORS, PAIRS
+    extra = {}
     if reference is not None:
         select = _hand_select(rows, hand) if hand is not None else None
         fits |= fit_transferred(reference, rows, arrays, select)
         names, pairs = DETECTORS + TRANSFERRED, PAIRS + TRANSFER_PAIRS
-    report = compare_detectors(rows, arrays, n_boot, seed, fits, names, pairs)
+        extra["transferred_chosen_on"] = f"hand labels of {len(select[0])} train and val answers" if select else "val answers (automatic labels)"
+    report = compare_detectors(rows, arrays, n_boot, seed, fits, names, pairs) | extra
     if hand is not None: report["hand_labels"] = against_hand_labels(rows, hand, n_boot, seed, arrays=arrays, fits=fits)
-    if reference is not None:
-        report["transferred_chosen_on"] = f"hand labels of {len(select[0])} train and val answers" if select else "val answers (automatic labels)"
     report.update(task="own answers", false_rate=float(np.mean([g["label"] for g in gens])), sae_layers=sorted(saes),
                   seconds=time.time() - t0)
     return rows, report, fits

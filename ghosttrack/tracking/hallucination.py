@@ -286,13 +286,19 @@ def score_items(model, tokenizer, saes: dict, items: list, tracker: HypothesisTr
                   "stats_NGS": np.array(stats), "thresholds": grid,
                   "threshold": tracker.threshold, "sae_layers": sorted(saes)}
 
-def _choose(options, y, idx, l2s=(1e-3, 1e-2, 1e-1, 1.0)) -> tuple:
-    "Of `(params, X_NF)` options × `l2s`, the `Logistic` fitted on train with the best validation AUROC: `(model, params, val_auroc, X_NF)`."
+def _best(options, l2s) -> tuple:
+    """Of `(params, (X_fit, y_fit), (X_choose, y_choose), X_NF)` options × `l2s`, the `Logistic` fitted on the fit rows
+    with the best AUROC on the choice rows: `(model, params, auroc, X_NF)`. The first wins a tie."""
     best = None
-    for params, X_NF in options:
-        m, val = fit_on_val(X_NF[idx["train"]], y[idx["train"]], X_NF[idx["val"]], y[idx["val"]], l2s)
+    for params, fit, choose, X_NF in options:
+        m, val = fit_on_val(*fit, *choose, l2s)
         if best is None or val > best[2]: best = (m, params, val, X_NF)
     return best
+
+def _choose(options, y, idx, l2s=(1e-3, 1e-2, 1e-1, 1.0)) -> tuple:
+    "Of `(params, X_NF)` options × `l2s`, the `Logistic` fitted on train with the best validation AUROC: `(model, params, val_auroc, X_NF)`."
+    tr, va = idx["train"], idx["val"]
+    return _best(((params, (X_NF[tr], y[tr]), (X_NF[va], y[va]), X_NF) for params, X_NF in options), l2s)
 
 @dataclass
 class Fitted:
@@ -337,16 +343,34 @@ def _sae_feature(f: int, arrays: dict) -> str:
     layer, pool, fid = _sae_column(f, arrays)
     return f"L{layer} {pool} #{fid}"
 
+def _resid_inputs(params: dict, D: int) -> list:
+    "The `inputs` of a residual probe reading block `params['layer']` pooled by `params['pool']`: one name per column."
+    return [f"resid L{params['layer']} {params['pool']}"] * D
+
+def _rank_latents(sae_NF, y_N) -> tuple:
+    """`(order_F, ks)`: the SAE columns by how far their univariate AUROC on these rows is from 0.5, best first, and the
+    sparse probe's sizes (`SPARSE_K`, at most every column)."""
+    order_F = np.argsort(-np.abs(univariate_auroc(sae_NF, y_N) - 0.5), kind="stable")
+    return order_F, sorted({min(k, sae_NF.shape[1]) for k in SPARSE_K})
+
+def _top_latents(sae_NF, order_F, k: int) -> np.ndarray:
+    "The `k` first columns of `order_F`, as float64 (the probe's inputs)."
+    return sae_NF[:, order_F[:k]].astype(np.float64)
+
+def _sparse_fitted(chosen: tuple, order_F, arrays: dict) -> Fitted:
+    "The sparse probe's `Fitted` from `_best`'s choice of `k`, its inputs named and located by SAE column."
+    m, params, val, X_NF = chosen
+    cols = order_F[:params["k"]].tolist()
+    return Fitted(m, params, val, X_NF, [_sae_feature(f, arrays) for f in cols], [_sae_column(f, arrays) for f in cols])
+
 def fit_detectors(rows: list, arrays: dict) -> dict:
     "`{detector: Fitted}` for the `DETECTORS`: each fitted on the `train` rows, every hyperparameter chosen on `val`."
     idx, y = _split_rows(rows)
     resid_NLD, stats_NGS, grid = arrays["resid_NLD"], arrays["stats_NGS"], arrays["thresholds"]
     own, D = grid.index(arrays["threshold"]), resid_NLD.shape[2]
     sae_NF = np.asarray(arrays["sae_NF"])   # as stored (float32): ranks are the same, and only the chosen columns become float64
-    uni_F = np.abs(univariate_auroc(sae_NF[idx["train"]], y[idx["train"]]) - 0.5)
-    order_F = np.argsort(-uni_F, kind="stable")
+    order_F, ks = _rank_latents(sae_NF[idx["train"]], y[idx["train"]])
     probe_l2s = (1e-2, 1e-1, 1.0)
-    def resid(params): return [f"resid L{params['layer']} {params['pool']}"] * D
     fits = {}
     fits["tracker"] = Fitted(*_choose([({"threshold": grid[own]}, stats_NGS[:, own])], y, idx), list(STAT_NAMES))
     fits["tracker_tuned"] = Fitted(*_choose([({"threshold": th}, stats_NGS[:, g]) for g, th in enumerate(grid)], y, idx), list(STAT_NAMES))
@@ -355,15 +379,13 @@ def fit_detectors(rows: list, arrays: dict) -> dict:
                           list(TEXT_FEATURES))
     for name, layers in (("probe_all_layers", range(resid_NLD.shape[1])), ("probe_tracker_layers", arrays["sae_layers"])):
         m, params, val, X_NF = _choose(_resid_options(arrays, layers), y, idx, probe_l2s)
-        fits[name] = Fitted(m, params, val, X_NF, resid(params))
-    ks = sorted({min(k, sae_NF.shape[1]) for k in SPARSE_K})
-    m, params, val, X_NF = _choose([({"k": k}, sae_NF[:, order_F[:k]].astype(np.float64)) for k in ks], y, idx, probe_l2s)
-    cols = order_F[:params["k"]].tolist()
-    fits["sparse_probe"] = Fitted(m, params, val, X_NF, [_sae_feature(f, arrays) for f in cols], [_sae_column(f, arrays) for f in cols])
+        fits[name] = Fitted(m, params, val, X_NF, _resid_inputs(params, D))
+    fits["sparse_probe"] = _sparse_fitted(_choose([({"k": k}, _top_latents(sae_NF, order_F, k)) for k in ks], y, idx, probe_l2s),
+                                          order_F, arrays)
     th, probe = fits["tracker_tuned"].params["threshold"], fits["probe_all_layers"]
     both = np.concatenate([stats_NGS[:, grid.index(th)], probe.X_NF], axis=1)
     fits["tracks+probe"] = Fitted(*_choose([({"threshold": th} | probe.params, both)], y, idx, probe_l2s),
-                                  list(STAT_NAMES) + resid(probe.params))
+                                  list(STAT_NAMES) + _resid_inputs(probe.params, D))
     return fits
 
 def compare_detectors(rows: list, arrays: dict, n_boot: int = 1000, seed: int = 0, fits: dict | None = None,
