@@ -58,6 +58,13 @@ def stage_part(nb):
 class StageFailed(RuntimeError):
     "A stage of `ghosttrack run` failed; the message names the stage, the failing cell and the executed notebook."
 
+def _kernel_log_level() -> str:
+    """The stage kernels' own log level. jupyter_client interrupts a kernel (SIGINT) before it shuts it down, and when
+    the signal lands while the kernel handles a message, ipykernel logs "KeyboardInterrupt caught in kernel" as an
+    error: a false alarm at the end of a stage that worked. A failing cell reaches `ghosttrack run` through papermill
+    either way, so the kernel logs only critical lines; with the `ghosttrack` logger at DEBUG, errors too."""
+    return "ERROR" if log.isEnabledFor(logging.DEBUG) else "CRITICAL"
+
 def _execute(name: str, cfg: RunConfig, overwrite: bool, progress: bool) -> Path:
     import nbformat, papermill as pm
     folder = cfg.run_path / "notebooks"
@@ -73,7 +80,7 @@ def _execute(name: str, cfg: RunConfig, overwrite: bool, progress: bool) -> Path
     os.environ[PROGRESS_ENV] = "terminal"    # the kernel inherits it: the stage's own bars come to this terminal
     try:
         pm.execute_notebook(str(trimmed), str(out), parameters=params, kernel_name="python3", progress_bar=False,
-                            cwd=os.getcwd(), log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                            cwd=os.getcwd(), log_output=False, extra_arguments=[f"--IPKernelApp.log_level={_kernel_log_level()}"])
     except pm.PapermillExecutionError as e:
         tail = [l for l in _ANSI.sub("", "\n".join(e.traceback or [])).splitlines() if l.strip()][-4:]
         raise StageFailed(f"stage {name!r} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}\n"
