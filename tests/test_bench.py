@@ -63,3 +63,7 @@ def test_a_missing_peer_is_reported_as_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("GHOSTTRACK_SPARSIFY_PYTHON", str(tmp_path / "no-such-python"))
     res = run_trainer("sparsify", tmp_path / "acts.safetensors", {})
     assert res["status"] == "missing" and "GHOSTTRACK_SPARSIFY_PYTHON" in res["why"]
+    # an interpreter without the library (this one): missing too, and the reason names the package
+    monkeypatch.setenv("GHOSTTRACK_SPARSIFY_PYTHON", sys.executable)
+    res = run_trainer("sparsify", tmp_path / "acts.safetensors", {})
+    assert res["status"] == "missing" and f"{sys.executable} has no eai-sparsify" in res["why"], res

@@ -127,11 +127,13 @@ def peer_python(name: str) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _peer_version(py: str, module: str, dist_name: str) -> tuple:
-    "Import the peer once in its interpreter (seconds: SAELens takes about 8) and read its version; kept for the process."
-    code = f"import importlib.metadata as m, {module}; print(m.version({dist_name!r}))"
+    """The peer's version from its package metadata, read in its interpreter without importing the library (an import
+    costs 10–20 s, and every training run imports it anyway: one that cannot is reported as failed, with its error)."""
+    code = f"import importlib.metadata as m; print(m.version({dist_name!r}))"
     r = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300)
-    if r.returncode != 0: return None, f"{py} cannot import {module}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
-    return py, r.stdout.strip().splitlines()[-1]   # a library may print notices first
+    if r.returncode != 0:
+        return None, f"{py} has no {dist_name} ({module}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+    return py, r.stdout.strip()
 
 # %% ../../nbs/85_pipeline_bench.ipynb #bcffd606
 PRELUDE = r'''
