@@ -5,7 +5,9 @@ for every notebook.
 transformers and its model classes, datasets, IPython) cost 4–8 s of CPU each time: minutes over the 51 notebooks.
 `nbdev_test` on a folder instead reuses a few worker processes, so a notebook sees whatever the ones before it left
 behind (seeds, environment variables, thread counts, patched modules). Here a parent imports the libraries once and
-forks one child per notebook: every notebook starts from the same clean state, with the imports already done.
+forks one child per notebook: every notebook starts from the same clean state, with the imports already done. That is
+on Linux; elsewhere (macOS's system frameworks are not fork-safe), or with GHOSTTRACK_NBTEST_NO_FORK=1, each notebook
+gets its own `nbdev_test --path`.
 
 Usage: `python tools/nbtest.py --jobs 2 --flags "" --logdir DIR nb1.ipynb nb2.ipynb …` (notebooks are started in the
 order given). Per notebook it writes `DIR/<name>.log` (what the notebook printed, and its traceback on failure) and
@@ -14,6 +16,7 @@ order given). Per notebook it writes `DIR/<name>.log` (what the notebook printed
 import argparse
 import importlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +29,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 PRELOAD = ("IPython", "numpy", "torch", "transformers", "transformers.modeling_utils", "transformers.generation",
            "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama", "datasets",
            "safetensors.torch", "matplotlib", "execnb.shell")
-for module in PRELOAD: importlib.import_module(module)
+# forking a process that has loaded these is safe on Linux; macOS's system frameworks are not fork-safe once loaded,
+# so elsewhere every notebook gets a fresh `nbdev_test --path` (as before this script, only slower)
+FORK = sys.platform == "linux" and not os.environ.get("GHOSTTRACK_NBTEST_NO_FORK")
+NBDEV_TEST = str(Path(sys.executable).with_name("nbdev_test"))   # the one beside this interpreter
 
 from fastcore.xtras import working_directory
 from nbdev.config import get_config
@@ -56,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--logdir", type=Path, required=True)
     a = p.parse_args(argv)
     cfg = get_config()
+    if FORK:
+        for module in PRELOAD: importlib.import_module(module)
     skip, force = cfg.tst_flags.split(), a.flags.split()
     todo, running, failed = [nb.resolve() for nb in a.notebooks], {}, 0
     a.logdir.mkdir(parents=True, exist_ok=True)
@@ -64,8 +72,13 @@ def main(argv=None) -> int:
             while todo and len(running) < a.jobs:
                 nb = todo.pop(0)
                 sys.stdout.flush(); sys.stderr.flush()
-                pid = os.fork()
-                if pid == 0: child(nb, a.logdir / f"{nb.stem}.log", skip, force, cfg.config_path)
+                log = a.logdir / f"{nb.stem}.log"
+                if FORK:
+                    pid = os.fork()
+                    if pid == 0: child(nb, log, skip, force, cfg.config_path)
+                else:   # reaped by os.wait below, like a forked child
+                    with open(log, "w") as f:
+                        pid = subprocess.Popen([NBDEV_TEST, "--path", str(nb), "--flags", a.flags], stdout=f, stderr=subprocess.STDOUT).pid
                 running[pid] = (nb, time.time())
             pid, status = os.wait()
             nb, start = running.pop(pid)
