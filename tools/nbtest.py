@@ -79,12 +79,12 @@ def main(argv=None) -> int:
                 else:   # reaped by os.wait below, like a forked child
                     with open(log, "w") as f:
                         pid = subprocess.Popen([NBDEV_TEST, "--path", str(nb), "--flags", a.flags], stdout=f, stderr=subprocess.STDOUT).pid
-                running[pid] = (nb, time.time())
+                running[pid] = (nb, log, time.time())
             pid, status = os.wait()
-            nb, start = running.pop(pid)
+            nb, log, start = running.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if code < 0:
-                with open(a.logdir / f"{nb.stem}.log", "a") as f: print(f"nbtest: {nb.name}: killed by signal {-code}", file=f)
+                with open(log, "a") as f: print(f"nbtest: {nb.name}: killed by signal {-code}", file=f)
             ok = code == 0
             failed += not ok
             (a.logdir / f"{nb.stem}.res").write_text(f"{'pass' if ok else 'fail'} {round(time.time() - start)}\n")
