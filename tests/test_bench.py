@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ghosttrack.pipeline.bench import PEERS, peer_python, run_trainer
+from ghosttrack.pipeline import bench
+from ghosttrack.pipeline.bench import PEERS, PRESETS, peer_python, run_bench, run_trainer
 
 PINS = dict(line.strip().split("==") for line in (Path(__file__).resolve().parents[1] / ".ci" / "peers.txt").read_text().splitlines() if line.strip())
 
@@ -20,6 +21,7 @@ def test_bench_drives_the_installed_peers(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out, res = r.stdout, json.loads((tmp_path / "bench.json").read_text())
     for key in ("machine", "config", "extraction", "stream_vs_disk", "scaling"): assert key in res
+    assert "unfinished" not in res
     assert res["machine"]["torch_threads"] == 1 and res["machine"]["torch"]
     assert len(res["scaling"]) == 3 and all(p["peak_mb"] > 0 for p in res["scaling"])
     shape = res["train"][0]
@@ -67,3 +69,15 @@ def test_a_missing_peer_is_reported_as_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("GHOSTTRACK_SPARSIFY_PYTHON", sys.executable)
     res = run_trainer("sparsify", tmp_path / "acts.safetensors", {})
     assert res["status"] == "missing" and f"{sys.executable} has no eai-sparsify" in res["why"], res
+
+
+def test_a_bench_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    # the training section stands in with one line; the streaming section then fails, as a time limit would cut it
+    monkeypatch.setattr(bench, "shape_bench", lambda name, *a, **k: {"name": name, "runs": {}})
+    def cut(*a, **k): raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_stream_vs_disk", cut)
+    with pytest.raises(KeyboardInterrupt): run_bench(PRESETS["smoke"], tmp_path, peers=())
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["unfinished"] is True and res["extraction"]["bare_forward_tokens_per_second"] > 0
+    assert [t["name"] for t in res["train"]] == ["random tiny GPT-2, d_in 32, 4×"] and "stream_vs_disk" not in res
+    assert not (tmp_path / "bench.png").exists()

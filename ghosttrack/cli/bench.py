@@ -10,7 +10,10 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from .flags import add_command, options
+from ..data.models import check_device
 from ..pipeline.bench import PRESETS, BenchOptions, format_report, run_bench
 
 # %% auto #0
@@ -21,7 +24,12 @@ def bench_command(args) -> int:
     "Run the benchmark the flags describe, print the tables, write bench.json."
     o = options(args, BenchOptions)
     threads = o.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
-    bc = dataclasses.replace(PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"], threads=threads, device=o.device)
+    size = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
+    # --gpu is sized for a CUDA device (a CPU would take hours): always one, the one --device names if it names one
+    device = ("cuda" if not o.device.startswith("cuda") else o.device) if args.gpu else o.device
+    if args.gpu and not torch.cuda.is_available(): raise ValueError("--gpu is sized for a CUDA GPU and none is visible here; on a CPU use --quick")
+    check_device(device)
+    bc = dataclasses.replace(PRESETS[size], threads=threads, device=device)
     res = run_bench(bc, o.out, o.peer_names(), log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(res))
     print(f"\nwrote {Path(o.out) / 'bench.json'} and {Path(o.out) / 'bench.png'}")
@@ -38,3 +46,5 @@ def add_bench_commands(subparsers) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="about twenty minutes on a CPU (the first run also extracts the demo model's activations)")
     size.add_argument("--smoke", action="store_true", help="about a minute; only checks that everything runs")
+    size.add_argument("--gpu", action="store_true", help="GPT-2 small's width (d_in 768, 24,576 latents, k=32) on 1M tokens, on "
+                      "a CUDA device (--device cuda:N picks one); a few minutes on an H200")

@@ -92,6 +92,10 @@ PRESETS = {
                          demo_tokens=65_536, demo_val_tokens=8192, scaling=((64, 16_384), (128, 32_768), (256, 65_536))),
     "smoke": BenchConfig(d_model=32, train_tokens=4096, val_tokens=1024, expansion=4, k=8, batch_size=512, demo_widths=(),
                          curve_points=3, stream_tokens=4096, scaling=((16, 2048), (32, 4096), (64, 8192))),
+    # GPT-2 small's width and the headline job's SAE (24,576 latents, k=32) on a CUDA GPU, 1M tokens: a few minutes on
+    # an H200 with both peers; no demo shape (the demo model's package does not travel to a GPU machine)
+    "gpu": BenchConfig(d_model=768, train_tokens=1_048_576, val_tokens=32_768, expansion=32, k=32, batch_size=4096, demo_widths=(),
+                       stream_tokens=524_288, scaling=((768, 524_288), (1536, 524_288), (3072, 524_288)), device="cuda"),
 }
 
 # %% ../../nbs/85_pipeline_bench.ipynb #049ac920
@@ -338,8 +342,10 @@ def _model_and_source(bc: BenchConfig, d_model: int | None = None):
     model = tiny_gpt2(n_layer=bc.n_layer, d_model=d, n_head=max(1, d // 32), n_ctx=max(128, bc.context_len)).to(bc.device).eval()
     return model, RandomTokens(model.config.vocab_size, bc.context_len, 10**7)
 
-def bench_extraction(model, source, hookpoints, num_tokens: int, root, batch_size: int = 32, device: str = "cpu") -> dict:
-    "Bare forward of the model body (no LM head) vs extraction into a store, same batches; tokens/s and the overhead factor."
+def bench_extraction(model, source, hookpoints, num_tokens: int, root, batch_size: int = 32, device: str = "cpu",
+                     dtype: str = "float32") -> dict:
+    """Bare forward of the model body (no LM head) vs extraction into `dtype` stores, same batches; tokens/s and the
+    overhead factor."""
     ctx = next(iter(source.batches(1))).shape[1]
     n_batches = -(-num_tokens // (batch_size * (ctx - 1)))
     batches = [b for _, b in zip(range(n_batches), source.batches(batch_size))]
@@ -350,7 +356,8 @@ def bench_extraction(model, source, hookpoints, num_tokens: int, root, batch_siz
         for b in batches: body(b.to(device))
         _sync(device); bare = time.perf_counter() - t0
     t0 = time.perf_counter()
-    extract_activations(model, source, hookpoints, root, num_tokens, batch_size, progress=False, device=device, overwrite=True)
+    extract_activations(model, source, hookpoints, root, num_tokens, batch_size, dtype=dtype, progress=False, device=device,
+                        overwrite=True)
     _sync(device); ext = time.perf_counter() - t0
     tokens = n_batches * batch_size * ctx
     return {"tokens": tokens, "bare_forward_tokens_per_second": tokens / bare, "extract_tokens_per_second": tokens / ext,
@@ -526,10 +533,13 @@ def plot_curves(res: dict, path=None):
     return fig
 
 def run_bench(bc: BenchConfig, out_dir, peers=("saelens", "sparsify"), log=print) -> dict:
-    "Every measurement of `ghosttrack bench`; writes `out_dir/bench.json` and `bench.png`, returns what it wrote."
+    """Every measurement of `ghosttrack bench`; writes `out_dir/bench.json` and `bench.png`, returns what it wrote.
+    `bench.json` is also written after each section with `"unfinished": true`, so a run cut short (a time limit on a
+    lent GPU, a crash) keeps what it measured."""
     torch.set_num_threads(bc.threads)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     res = {"config": dataclasses.asdict(bc), "machine": machine_info(bc)}
+    def so_far(): save_json({**res, "unfinished": True}, out_dir / "bench.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, source = _model_and_source(bc)
@@ -540,6 +550,7 @@ def run_bench(bc: BenchConfig, out_dir, peers=("saelens", "sparsify"), log=print
         x = load_hidden_states(tmp / "acts" / hps[-1])[:n]
         res["train"] = [shape_bench(f"random tiny GPT-2, d_in {bc.d_model}, {bc.expansion}×", x, bc.train_tokens, bc.expansion, bc,
                                     peers, tmp, log, dense=True, repeats=bc.repeats)]
+        so_far()
         if bc.demo_widths:
             try: xd = demo_activations(bc, log)
             except (ModelUnavailable, CorpusUnavailable, ValueError) as e:
@@ -548,8 +559,10 @@ def run_bench(bc: BenchConfig, out_dir, peers=("saelens", "sparsify"), log=print
                 for w in bc.demo_widths:
                     res["train"].append(shape_bench(f"{bc.demo_model} layer {bc.demo_layer}, d_in {xd.shape[1]}, {w}×", xd,
                                                     bc.demo_tokens, w, bc, peers, tmp, log))
+                    so_far()
         log(f"streaming vs disk: {bc.stream_tokens:,} tokens, {len(hps)} hookpoints")
         res["stream_vs_disk"] = bench_stream_vs_disk(model, source, hps, bc.stream_tokens, bc, tmp / "svd")
+        so_far()
     log("scaling")
     res["scaling"] = bench_scaling(bc)
     save_json(res, out_dir / "bench.json")
