@@ -26,7 +26,7 @@ def bench_command(args) -> int:
     threads = o.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     size = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
     # --gpu is sized for a CUDA device (a CPU would take hours): always one, the one --device names if it names one
-    device = ("cuda" if not o.device.startswith("cuda") else o.device) if args.gpu else o.device
+    device = "cuda" if args.gpu and not o.device.startswith("cuda") else o.device
     if args.gpu and not torch.cuda.is_available(): raise ValueError("--gpu is sized for a CUDA GPU and none is visible here; on a CPU use --quick")
     check_device(device)
     bc = dataclasses.replace(PRESETS[size], threads=threads, device=device)

@@ -9,8 +9,6 @@ The JSON is rewritten after every step, so a run cut off by its time limit still
 streamed tokens are fewer than `--target-tokens`, the time for the target is projected from the measured rate.
 tests/test_gpu_tools.py runs it at a small size on the CPU, so it cannot go stale while no GPU is lent."""
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -20,7 +18,8 @@ import torch
 
 from ghosttrack import __version__
 from ghosttrack.core.config import PerfConfig, SAEConfig, TrainConfig
-from ghosttrack.data.models import layer_hookpoints, tiny_gpt2
+from ghosttrack.core.io import save_json
+from ghosttrack.data.models import check_device, layer_hookpoints, tiny_gpt2
 from ghosttrack.data.store import RandomTokens
 from ghosttrack.dictionaries.stream import stream_train_saes
 from ghosttrack.pipeline.bench import bench_extraction
@@ -63,18 +62,16 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     t_start = time.perf_counter()
 
+    try: check_device(a.device)
+    except ValueError as e: p.error(str(e))
     cuda = a.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available(): p.error("--device cuda: this machine has no CUDA GPU")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = a.peak_tflops or next((v for key, v in PEAK_TFLOPS.items() if key in name), 0.0)
     model_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[a.model_dtype]
     res = {"device": name, "torch": torch.__version__, "ghosttrack": __version__, "args": vars(a), "peak_tflops": peak or None}
-    out = Path(a.out)
-    def write():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2)); os.replace(tmp, out)
+    def write(): save_json(res, a.out)
     def say(msg): print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     model = tiny_gpt2(n_layer=a.n_layer, d_model=a.d_model, n_head=a.n_head or max(1, a.d_model // 64), n_ctx=1024)
@@ -96,7 +93,7 @@ def main(argv=None) -> int:
         res["extraction"] = ex; write()
         say(f"  bare {ex['bare_forward_tokens_per_second']:,.0f} tok/s, extraction {ex['extract_tokens_per_second']:,.0f} tok/s "
             f"({ex['ratio']:.0%})")
-        if cuda: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        if cuda: torch.cuda.empty_cache()
 
         scfg = SAEConfig(architecture="topk", k=a.k, expansion_factor=a.expansion)
         perf = PerfConfig(sparse_decoder=True, encoder_dtype=a.encoder_dtype)

@@ -57,12 +57,10 @@ if [ "${GPU_REHEARSAL:-0}" = 1 ]; then   # toy sizes on the CPU: every stage's c
   HEADLINE_ARGS="--device cpu --n-layer 2 --d-model 32 --tokens 30000 --probe-tokens 10000 --extract-tokens 4000 --expansion 4 --k 4 --batch-size 256"
   BENCH_ARGS="--smoke"; TSP_ARGS="--preset tiny --device cpu --epoch-size 128 --val-size 16 --baseline-eval-size 32"
   TSP_STEP=1; TSP_MAX_EPOCHS=2; TSP_EVAL_ARGS="--num-instances 16 --device cpu"
-  GPU_TESTS=tests/test_gpu.py
 else
   HEADLINE_ARGS="--device cuda"; BENCH_ARGS="--gpu"
   TSP_ARGS="--preset tsp20-pomo --device cuda --epoch-size 102400 --batch-size 256 --eval-batch-size 4096"; TSP_STEP=4; TSP_MAX_EPOCHS=400
   TSP_EVAL_ARGS="--num-instances 256 --device cuda --multistart"
-  GPU_TESTS=tests/test_gpu.py
 fi
 
 TSP_RUN=${TSP_RUN:-/tmp/ghosttrack-tsp20-pomo}   # a fresh machine has none; a rerun on a warm one continues it
@@ -90,7 +88,7 @@ tsp() {   # epochs in steps of TSP_STEP while the share lasts (each finished ste
 
 for s in ${STAGES:-tests headline bench}; do
   case $s in
-    tests)    stage tests 45 "$PY" -m pytest $GPU_TESTS -q -p no:cacheprovider -rs ;;
+    tests)    stage tests 45 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs ;;
     headline) stage headline 220 "$PY" tools/gpu/headline.py --out "$OUT/headline.json" --budget-seconds 200 $HEADLINE_ARGS ;;
     bench)    stage bench 290 "$PY" -m ghosttrack bench $BENCH_ARGS --out "$OUT" ;;
     tsp)      stage tsp 600 tsp ;;

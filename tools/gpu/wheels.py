@@ -17,8 +17,10 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-WANTED = ["schedulefree==1.4.1", "sae-lens==6.54.12", "eai-sparsify==1.3.3"]
-"the versions .ci/peers.txt pins for the peers, and the schedule-free optimiser ghosttrack's trainer imports"
+PEERS_TXT = Path(__file__).resolve().parents[2] / ".ci" / "peers.txt"
+WANTED = ["schedulefree==1.4.1"] + [line.strip() for line in PEERS_TXT.read_text().splitlines()
+                                     if line.split("==")[0].strip() in ("sae-lens", "eai-sparsify")]
+"the schedule-free optimiser ghosttrack's trainer imports, and the bench's two peers at the versions .ci/peers.txt pins"
 
 IMAGE = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder cuda-toolkit
