@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +20,8 @@ from ..core.io import load_json, load_tensors, save_weights_folder
 
 # %% auto #0
 __all__ = ['SAE_CLASSES', 'SAE_CFG_FILENAME', 'SAE_WEIGHTS_FILENAME', 'SAELENS_SCHEMA_VERSION', 'SAELENS_ARCHITECTURES',
-           'SAEOutput', 'topk_indices', 'AuxPlan', 'top_mask', 'auxk_score', 'SAE', 'geometric_median', 'ReLUSAE',
-           'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt',
+           'SAEOutput', 'topk_indices', 'warm_topk', 'AuxPlan', 'top_mask', 'auxk_score', 'SAE', 'geometric_median',
+           'ReLUSAE', 'TopKSAE', 'BatchTopKSAE', 'JumpReLUFn', 'JumpReLUSAE', 'make_sae', 'sparse_decode', 'PreActsAt',
            'aux_width', 'SparseTopK', 'synthetic_sparse_data', 'saelens_cfg', 'save_sae', 'load_sae']
 
 # %% ../../nbs/20_dict_sae.ipynb #90fadcef
@@ -53,20 +54,129 @@ class SAEOutput:
         return self.dense_acts
 
 # %% ../../nbs/20_dict_sae.ipynb #b2b8563a
+def _select_rows(x_BN, hi_BG, lo_BG, k, sh, out_BK):
+    """The compiled select (numba, `_compiled_select`): for each row of `x_BN` (the int16/int32 bit patterns of the
+    floats), the column indices of its `k` largest entries into `out_BK`, given the largest and smallest bit pattern
+    (as signed integers) of each of its `G` strided blocks (block `g` = columns `g, g + G, …` below `G·S`; the
+    columns from `G·S` on are candidates too). `sh` is the bit width minus 1. Pure Python as written; numba
+    compiles it."""
+    B, n = x_BN.shape
+    G = hi_BG.shape[1]
+    S = n // G
+    flip = (1 << sh) - 1
+    ck = np.empty(n, np.int64)
+    ci = np.empty(n, np.int64)
+    cb = np.empty(G, np.int64)
+    mb = np.empty(G, np.int64)
+    for b in range(B):
+        for g in range(G):   # the block's maximum as an order key: its largest pattern if ≥ 0 (a float ≥ +0); else all
+            # entries are negative, and the smallest pattern (smallest magnitude) is the largest float
+            h = np.int64(hi_BG[b, g])
+            mb[g] = h if h >= 0 else np.int64(lo_BG[b, g]) ^ flip
+        lo, hi = mb.min(), mb.max()
+        top = hi
+        while lo < hi:   # L: the largest value with at least k block maxima ≥ it (the k-th largest block maximum)
+            mid = (lo + hi + 1) >> 1
+            c = 0
+            for g in range(G): c += mb[g] >= mid
+            if c >= k: lo = mid
+            else: hi = mid - 1
+        L = lo
+        nb = 0
+        for g in range(G):   # the blocks whose maximum is ≥ L (branch-free append)
+            cb[nb] = g
+            nb += mb[g] >= L
+        nc = 0
+        for jb in range(nb + n - G * S):   # their entries ≥ L, and the columns past the last whole block
+            for s in range(S if jb < nb else 1):
+                i = s * G + cb[jb] if jb < nb else G * S + jb - nb
+                v = np.int64(x_BN[b, i])
+                v ^= (v >> sh) & flip   # the order key: negatives' magnitude bits flipped
+                ck[nc] = v
+                ci[nc] = i
+                nc += v >= L
+                if v > top: top = v
+        lo, hi = L, top
+        while lo < hi:   # T: the k-th largest entry
+            mid = (lo + hi + 1) >> 1
+            c = 0
+            for j in range(nc): c += ck[j] >= mid
+            if c >= k: lo = mid
+            else: hi = mid - 1
+        need, eq = k, 0   # entries equal to T to take (k minus those above it), of `eq` equal ones
+        for j in range(nc):
+            need -= ck[j] > lo
+            eq += ck[j] == lo
+        # which of them: a window of ranks that starts where the row's own values say, not always the lowest columns
+        # (in bf16 a third of the rows have more entries equal to T than they need)
+        off = (lo * 40503 + top) % eq
+        o = r = 0
+        for j in range(nc):
+            v = ck[j]
+            if v > lo or (v == lo and (r - off) % eq < need):
+                out_BK[b, o] = ci[j]
+                o += 1
+            r += v == lo
+    return out_BK
+
+_SELECT = None
+_POOL = None
+_KEY_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+def _compiled_select():
+    "`_select_rows` compiled by numba (cached on disk where the source is a file), or None without numba."
+    global _SELECT
+    if _SELECT is None:
+        try: import numba
+        except ImportError: _SELECT = False
+        else:
+            try: _SELECT = numba.njit(cache=True, nogil=True)(_select_rows)
+            except RuntimeError: _SELECT = numba.njit(nogil=True)(_select_rows)   # defined in a notebook: no file to cache beside
+    return _SELECT or None
+
+def _select_threads(select, xi_BN, hi_BG, lo_BG, k: int, sh: int, out_BK):
+    "Run `select` over the rows, split into `torch.get_num_threads()` parts on a thread pool (it releases the GIL)."
+    global _POOL
+    B, T = len(xi_BN), min(torch.get_num_threads(), len(xi_BN) // 64)
+    if T <= 1: return select(xi_BN, hi_BG, lo_BG, k, sh, out_BK)
+    if _POOL is None or _POOL._max_workers < T:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(T, thread_name_prefix="ghosttrack-topk")
+    cuts = [B * i // T for i in range(T + 1)]
+    part = lambda a, i: a[cuts[i]:cuts[i + 1]]
+    list(_POOL.map(lambda i: select(part(xi_BN, i), part(hi_BG, i), part(lo_BG, i), k, sh, part(out_BK, i)), range(T)))
+
+def _topk_two_level(x_BF: torch.Tensor, k: int, S: int) -> torch.Tensor:
+    "Without numba: `torch.topk` on the maxima of `G` strided blocks, then on the `k·S` entries of the top `k` blocks."
+    (B, n), G = x_BF.shape, x_BF.shape[1] // S
+    blk_BK = x_BF[:, : G * S].view(B, S, G).amax(1).topk(k, dim=-1, sorted=False).indices   # the k blocks with the largest maxima
+    cand_BC = (blk_BK.unsqueeze(-1) + G * torch.arange(S, device=x_BF.device)).view(B, k * S)
+    if G * S < n: cand_BC = torch.cat([cand_BC, torch.arange(G * S, n, device=x_BF.device).expand(B, -1)], 1)
+    top_BK = x_BF.gather(1, cand_BC).topk(k, dim=-1, sorted=False).indices
+    return cand_BC.gather(1, top_BK)
+
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
-    "Indices of the `k` largest entries along the last dimension (unsorted, no gradient): two levels on a CPU."
+    "Indices of the `k` largest entries along the last dimension (unsorted, no gradient): a compiled select on a CPU."
     n = x.shape[-1]
     S = 8 if n <= 4096 else 16
-    if x.device.type != "cpu" or x.dim() < 2 or 4 * k * S > n or x[..., 0].numel() < 64:
+    if x.device.type != "cpu" or x.dim() < 2 or 4 * k * S > n or x[..., 0].numel() < 64 or x.dtype not in _KEY_DTYPES:
         with torch.no_grad(): return x.topk(k, dim=-1, sorted=False).indices
     with torch.no_grad():
         x_BF = x.reshape(-1, n)
+        select = _compiled_select()
+        if select is None: return _topk_two_level(x_BF, k, S).view(*x.shape[:-1], k)
         B, G = len(x_BF), n // S
-        blk_BK = x_BF[:, : G * S].view(B, S, G).amax(1).topk(k, dim=-1, sorted=False).indices   # the k blocks with the largest maxima
-        cand_BC = (blk_BK.unsqueeze(-1) + G * torch.arange(S, device=x.device)).view(B, k * S)
-        if G * S < n: cand_BC = torch.cat([cand_BC, torch.arange(G * S, n, device=x.device).expand(B, -1)], 1)
-        top_BK = x_BF.gather(1, cand_BC).topk(k, dim=-1, sorted=False).indices
-        return cand_BC.gather(1, top_BK).view(*x.shape[:-1], k)
+        xi_BF = x_BF.contiguous().view(_KEY_DTYPES[x.dtype])
+        sh = 8 * xi_BF.element_size() - 1
+        blocks_BSG = xi_BF[:, : G * S].view(B, S, G)
+        hi_BG, lo_BG = blocks_BSG.amax(1), blocks_BSG.amin(1)   # vectorised integer passes (a float's max is not one)
+        out_BK = torch.empty(B, k, dtype=torch.long)
+        _select_threads(select, xi_BF.numpy(), hi_BG.numpy(), lo_BG.numpy(), k, sh, out_BK.numpy())
+        return out_BK.view(*x.shape[:-1], k)
+
+def warm_topk():
+    "Compile (or load from the disk cache) the CPU select for every dtype it takes, so that a timed loop does not."
+    for dt in _KEY_DTYPES: topk_indices(torch.zeros(64, 1024, dtype=dt), 32)
 
 # %% ../../nbs/20_dict_sae.ipynb #d3e24b3c
 @dataclass

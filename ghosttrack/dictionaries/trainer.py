@@ -27,7 +27,7 @@ from ..core.runlog import wandb_run
 from ..core.io import (append_jsonl, load_json, load_tensors, read_jsonl, save_json, save_tensors, atomic_write_text, ArtifactExists,
                                 beside, beside_path, remove_tree, replace_tree)
 from ..data.store import ActivationDataset
-from .sae import make_sae, save_sae
+from .sae import make_sae, save_sae, warm_topk
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,8 @@ class Trainer:
         if p.sparse_decoder and getattr(self.model, "has_sparse_decoder", False):
             half = p.encoder_dtype == "bfloat16" or (p.encoder_dtype == "auto" and native_bf16(self.device))
             self.model.use_sparse_decoder(encoder_dtype=torch.bfloat16 if half else None)
+        if self.device.type == "cpu" and getattr(getattr(self.model, "cfg", None), "architecture", None) == "topk":
+            warm_topk()   # the compiled top-k select: compiled or loaded from its disk cache here, not in the first step
         if self.device.type == "cuda" and p.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p.autocast]
