@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import numpy as np
@@ -66,7 +67,7 @@ def _select_rows(x_BN, hi_BG, lo_BG, k, sh, out_BK):
     flip = (1 << sh) - 1
     ck = np.empty(n, np.int64)
     ci = np.empty(n, np.int64)
-    cb = np.empty(G, np.int64)
+    cols = np.empty(n, np.int64)
     mb = np.empty(G, np.int64)
     for b in range(B):
         for g in range(G):   # the block's maximum as an order key: its largest pattern if ≥ 0 (a float ≥ +0); else all
@@ -82,20 +83,23 @@ def _select_rows(x_BN, hi_BG, lo_BG, k, sh, out_BK):
             if c >= k: lo = mid
             else: hi = mid - 1
         L = lo
-        nb = 0
-        for g in range(G):   # the blocks whose maximum is ≥ L (branch-free append)
-            cb[nb] = g
-            nb += mb[g] >= L
+        m = 0
+        for g in range(G):   # the columns to look at: those of the blocks whose maximum is ≥ L ...
+            if mb[g] >= L:
+                for s in range(S): cols[m + s] = s * G + g
+                m += S
+        for i in range(G * S, n):   # ... and those past the last whole block
+            cols[m] = i
+            m += 1
         nc = 0
-        for jb in range(nb + n - G * S):   # their entries ≥ L, and the columns past the last whole block
-            for s in range(S if jb < nb else 1):
-                i = s * G + cb[jb] if jb < nb else G * S + jb - nb
-                v = np.int64(x_BN[b, i])
-                v ^= (v >> sh) & flip   # the order key: negatives' magnitude bits flipped
-                ck[nc] = v
-                ci[nc] = i
-                nc += v >= L
-                if v > top: top = v
+        for j in range(m):   # the candidates: their entries ≥ L (branch-free append)
+            i = cols[j]
+            v = np.int64(x_BN[b, i])
+            v ^= (v >> sh) & flip   # the order key: negatives' magnitude bits flipped
+            ck[nc] = v
+            ci[nc] = i
+            nc += v >= L
+            if v > top: top = v   # only a column past the last block can exceed the largest block maximum
         lo, hi = L, top
         while lo < hi:   # T: the k-th largest entry
             mid = (lo + hi + 1) >> 1
@@ -121,6 +125,7 @@ def _select_rows(x_BN, hi_BG, lo_BG, k, sh, out_BK):
 
 _SELECT = None
 _POOL = None
+"the threads `_select_threads` splits rows over, made on first use (one per core; a thread starts when first needed)"
 _KEY_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 def _compiled_select():
@@ -139,9 +144,9 @@ def _select_threads(select, xi_BN, hi_BG, lo_BG, k: int, sh: int, out_BK):
     global _POOL
     B, T = len(xi_BN), min(torch.get_num_threads(), len(xi_BN) // 64)
     if T <= 1: return select(xi_BN, hi_BG, lo_BG, k, sh, out_BK)
-    if _POOL is None or _POOL._max_workers < T:
+    if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(T, thread_name_prefix="ghosttrack-topk")
+        _POOL = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="ghosttrack-topk")
     cuts = [B * i // T for i in range(T + 1)]
     part = lambda a, i: a[cuts[i]:cuts[i + 1]]
     list(_POOL.map(lambda i: select(part(xi_BN, i), part(hi_BG, i), part(lo_BG, i), k, sh, part(out_BK, i)), range(T)))
@@ -176,7 +181,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def warm_topk():
     "Compile (or load from the disk cache) the CPU select for every dtype it takes, so that a timed loop does not."
-    for dt in _KEY_DTYPES: topk_indices(torch.zeros(64, 1024, dtype=dt), 32)
+    for dt in (torch.bfloat16, torch.float32): topk_indices(torch.zeros(64, 1024, dtype=dt), 32)   # 16- and 32-bit patterns
 
 # %% ../../nbs/20_dict_sae.ipynb #d3e24b3c
 @dataclass
